@@ -1,0 +1,3 @@
+from bigray.cli import main
+
+raise SystemExit(main())

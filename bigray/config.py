@@ -1,0 +1,217 @@
+"""One typed config tree for every bigray command.
+
+Sources, lowest precedence first: the defaults below, each `-c FILE` in order, then dotted
+overrides such as `train.lr=3e-4` (values parsed as YAML). Validation happens once, here, before
+any Ray work starts; errors name the key and the file (or "command line") that set it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from bigray.errors import ConfigError
+
+
+class Section(BaseModel):
+    # Unknown keys are typos until proven otherwise; assignment is validated too so code that
+    # edits a config (tune trials, the demo) cannot build an invalid one.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description='null: start a local cluster on 127.0.0.1; "auto" or ray://host:10001')
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (null: all of this machine's)")
+
+
+class StorageConfig(Section):
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint; null: AWS_ENDPOINT_URL or real S3")
+    region: str | None = Field(None, description="S3 region; null: AWS_DEFAULT_REGION / AWS_REGION or us-east-1")
+
+
+class DataConfig(Section):
+    inputs: list[str] = Field(default_factory=list, description="local paths, globs or s3:// URIs; {stdlib} expands to Python's standard library dir")
+    exclude: list[str] = Field(default_factory=list, description="glob patterns (fnmatch on the full path) of files to skip")
+    format: Literal["auto", "jsonl", "parquet", "text"] = Field("auto", description="auto picks by extension: .jsonl/.json, .parquet, anything else is text")
+    text_field: str = Field("text", description="jsonl/parquet field holding the document")
+    output: str | None = Field(None, description="local dir or s3:// prefix for shards and manifest.json")
+    tokenizer: str | None = Field(None, description="HF tokenizer dir (local or s3://); null: prepare trains one beside the shards")
+    vocab_size: int = Field(8192, ge=256, le=1 << 20, description="vocab size when bigray trains the tokenizer")
+    tokenizer_sample_mb: float = Field(64.0, gt=0, description="MB of input text the tokenizer is trained on (a seeded sample)")
+    seq_len: int = Field(1024, ge=1, description="tokens per training sequence; rows hold seq_len + 1 ids")
+    val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of documents assigned to the val split")
+    min_chars: int = Field(1, ge=0, description="drop documents shorter than this (after NFC)")
+    dedup: bool = Field(True, description="drop exact duplicate documents across the whole corpus")
+    seed: int = Field(0, ge=0, description="seeds the train/val split and the tokenizer sample")
+    shard_mb: float = Field(64.0, gt=0, description="target size of one parquet shard")
+    on_bad_record: Literal["drop", "error"] = Field("drop", description="bad JSON / missing field / invalid UTF-8: count and drop, or fail")
+    docs_per_task: int = Field(256, ge=1, description="documents per tokenize batch (Ray Data map_batches batch_size)")
+
+
+class ModelConfig(Section):
+    preset: Literal["tiny", "125m", "350m", "1b", "8b"] = Field("tiny", description="Llama-architecture shape, random init")
+    pretrained: str | None = Field(None, description="local or s3:// HF model dir; overrides preset")
+
+
+class TrainConfig(Section):
+    data: str | None = Field(None, description="manifest URI (dir or manifest.json); null: data.output")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
+    use_gpu: bool = Field(False, description="one GPU per worker")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
+    offload_optimizer: bool = Field(False, description="ZeRO optimizer state on CPU")
+    offload_params: bool = Field(False, description="ZeRO-3 parameters on CPU")
+    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="fp32 is forced where the device lacks the others")
+    micro_batch_size: int = Field(4, ge=1, description="sequences per worker per micro step")
+    grad_accum_steps: int = Field(1, ge=1, description="micro steps per optimizer step")
+    lr: float = Field(3.0e-4, gt=0, description="peak learning rate")
+    min_lr: float = Field(3.0e-5, ge=0, description="learning rate at the end of cosine decay")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    weight_decay: float = Field(0.1, ge=0, description="AdamW weight decay (not on norms and biases)")
+    grad_clip: float = Field(1.0, ge=0, description="global grad-norm clip; 0 disables")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps")
+    eval_every: int = Field(100, ge=1, description="steps between validation passes")
+    log_every: int = Field(10, ge=1, description="steps between metric reports")
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    max_failures: int = Field(3, ge=0, description="worker-group restarts Ray Train attempts")
+    storage_path: str | None = Field(None, description="local dir or s3:// prefix for runs")
+    run_name: str | None = Field(None, description="null: generated")
+    seed: int = Field(0, ge=0, description="model init and data order")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged last")
+
+    @model_validator(mode="after")
+    def _lr_order(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class TuneConfig(Section):
+    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict, description='{"train.lr": {loguniform: [1e-4, 3e-3]}}')
+    num_samples: int = Field(8, ge=1, description="trials")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    scheduler: Literal["asha", "fifo", "pbt"] = Field("asha", description="trial scheduler")
+    metric: str = Field("val_loss", description="metric the scheduler and the best trial use")
+    mode: Literal["min", "max"] = Field("min", description="minimise or maximise the metric")
+    storage_path: str | None = Field(None, description="local dir or s3:// prefix for sweeps")
+    name: str | None = Field(None, description="null: generated")
+
+
+class AutoscalingConfig(Section):
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(2.0, gt=0)
+
+
+class ServeConfig(Section):
+    model: str | None = Field(None, description="HF model dir (bigray export output), local or s3://")
+    host: str = Field("127.0.0.1", description="HTTP bind address")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port")
+    num_replicas: int = Field(1, ge=1, description="fixed replica count (ignored with autoscaling)")
+    autoscaling: AutoscalingConfig | None = Field(None, description="Serve autoscaling; null: num_replicas")
+    max_batch_size: int = Field(16, ge=1, description="requests batched together")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
+    api_key: str | None = Field(None, description='when set, requests need "Authorization: Bearer <key>"')
+
+
+class Config(Section):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def _merge(base: dict, update: dict, origin: dict[str, str], source: str, prefix: str = "") -> None:
+    """Deep-merge `update` into `base`, recording which source set each leaf."""
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value, origin, source, dotted + ".")
+        else:
+            base[key] = value
+            origin[dotted] = source
+
+
+def parse_override(item: str) -> dict:
+    """`train.lr=3e-4` -> {"train": {"lr": 3e-4}}; the value is parsed as YAML."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"command line: bad override {item!r}; expected section.key=value (e.g. train.lr=3e-4)")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"command line: {key}: value {raw!r} is not valid YAML ({exc})") from None
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def _describe(err: dict, origin: dict[str, str]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    source = next((origin[".".join(loc[:i])] for i in range(len(loc), 0, -1) if ".".join(loc[:i]) in origin), "defaults")
+    if err["type"] == "extra_forbidden":
+        section = _section_of(loc[:-1])
+        known = list(section.model_fields) if section else []
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f" (did you mean {'.'.join(loc[:-1] + close)}?)" if close else f"; known keys: {', '.join(known)}"
+        return f"{source}: unknown key {key}{hint}"
+    got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+    return f"{source}: {key or 'config'}: {err['msg']}{got}"
+
+
+def _section_of(loc: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(part)
+        ann = field.annotation if field else None
+        ann = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if ann is None:
+            return None
+        model = ann
+    return model
+
+
+def load_config(files: list[str | Path] = (), overrides: list[str] = ()) -> Config:
+    """Merge YAML files and dotted overrides over the defaults and validate the result."""
+    raw: dict = {}
+    origin: dict[str, str] = {}
+    for path in files:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file ({exc.strerror})") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (data:, train:, ...)")
+        _merge(raw, data, origin, str(path))
+    for item in overrides:
+        _merge(raw, parse_override(item), origin, "command line")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e, origin) for e in exc.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML that `load_config` reads back unchanged."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def require(value: Any, key: str, command: str) -> Any:
+    """Fail with a message naming `key` when a command needs a value the config left null."""
+    if value is None or value == []:
+        raise ConfigError(f"{key} is required by `bigray {command}`: set it in a config file or pass {key}=...")
+    return value

@@ -1,0 +1,20 @@
+"""Connecting to Ray: the job's cluster, a given address, or a fresh local one on loopback."""
+
+from __future__ import annotations
+
+import os
+
+from bigray.config import RayConfig
+
+
+def init_ray(cfg: RayConfig) -> None:
+    """Connect once per process. Inside `ray job submit`, RAY_ADDRESS points at the job's cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.address, log_to_driver=True)
+    else:
+        # Bound to loopback: a laptop or CI run must not open Ray's ports on the network.
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=cfg.num_cpus, include_dashboard=False)

@@ -1,0 +1,69 @@
+"""Shared fixtures: a local S3 server (moto, loopback only) and a local Ray cluster bound to 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+# Nothing in the tests may reach beyond loopback: no Ray usage stats, no EC2 metadata lookups.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class S3:
+    endpoint: str
+    bucket: str
+
+    def uri(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, *parts])
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto S3 server on 127.0.0.1 with one bucket for the session; AWS_* env points at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    store = S3(endpoint, f"bigray-test-{uuid.uuid4().hex[:8]}")
+    store.client().create_bucket(Bucket=store.bucket)
+    yield store
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
+    """One local Ray cluster for the session, started after the S3 env so workers inherit it."""
+    import ray
+
+    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
