@@ -28,6 +28,27 @@ def _prepare(cfg: Config, args) -> None:
     print_prepare_summary(prepare(cfg))
 
 
+def _train(cfg: Config, args) -> None:
+    from bigray.train import train
+
+    out = train(cfg)
+    first, last = out["first"], out["metrics"]
+    print(f"run: {out['run_dir']}")
+    print(f"steps {last.get('step')}: loss {first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}"
+          + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
+          + f", {last.get('tokens_per_s', 0):,.0f} tokens/s, {out['wall_s']:.0f} s")
+    if out["export"]:
+        print(f"export: {out['export']['out_dir']} (step {out['export']['step']}, probe logits max |diff| {out['export']['probe_max_abs_diff']:.2e})")
+
+
+def _export(cfg: Config, args) -> None:
+    from bigray.train import export
+
+    out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, storage_cfg=cfg.storage)
+    print(f"export: {out['out_dir']} from {out['checkpoint']} (step {out['step']}, {out['dtype']}, "
+          f"probe logits max |diff| {out['probe_max_abs_diff']:.2e})")
+
+
 def print_prepare_summary(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -70,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_parser("train", parents=[common], help="train a byte-level BPE on data.inputs into data.tokenizer").set_defaults(func=_tokenizer_train)
 
     sub.add_parser("prepare", parents=[common], help="read, clean, tokenize, pack and write shards with Ray Data").set_defaults(func=_prepare)
+    sub.add_parser("train", parents=[common], help="DeepSpeed ZeRO on Ray Train over prepared shards").set_defaults(func=_train)
+    exp = sub.add_parser("export", parents=[common], help="consolidate a ZeRO checkpoint into a Hugging Face model dir")
+    exp.add_argument("run_dir", help="a run dir (train.storage_path/run_name), local or s3://")
+    exp.add_argument("out_dir", help="where to write the HF model dir")
+    exp.add_argument("--checkpoint", help="a specific checkpoint dir (default: the latest step)")
+    exp.set_defaults(func=_export)
     return parser
 
 

@@ -81,12 +81,27 @@ class TrainConfig(Section):
     storage_path: str | None = Field(None, description="local dir or s3:// prefix for runs")
     run_name: str | None = Field(None, description="null: generated")
     seed: int = Field(0, ge=0, description="model init and data order")
+    eval_batches: int | None = Field(None, ge=1, description="global val batches per evaluation; null: the whole val split")
+    shuffle_window: int = Field(4096, ge=1, description="rows shuffled together (seeded) while streaming the train split")
+    activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
+    compile: bool = Field(False, description="torch.compile the model")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement of the workers")
+    peak_tflops: float | None = Field(None, gt=0, description="device dense peak for MFU; null: from the table by device name")
+    export: bool = Field(True, description="consolidate the final checkpoint into <run>/export/ (HF dir)")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged last")
 
     @model_validator(mode="after")
-    def _lr_order(self) -> TrainConfig:
+    def _consistent(self) -> TrainConfig:
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage}); ZeRO shards parameters only in stage 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision fp16 needs use_gpu=true (CPUs have no fp16 math); use bf16 or fp32 on CPU")
         return self
 
 

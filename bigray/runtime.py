@@ -16,5 +16,7 @@ def init_ray(cfg: RayConfig) -> None:
     if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address, log_to_driver=True)
     else:
-        # Bound to loopback: a laptop or CI run must not open Ray's ports on the network.
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=cfg.num_cpus, include_dashboard=False)
+        # Bound to loopback: a laptop or CI run must not open Ray's ports on the network. At least 4
+        # logical CPUs so that Ray Data's read tasks still get scheduled beside the training workers.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        ray.init(_node_ip_address="127.0.0.1", num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)

@@ -1,0 +1,88 @@
+"""`bigray export`: a ZeRO checkpoint consolidated into a Hugging Face model dir, checked against the engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import pyarrow.fs as pafs
+
+from bigray import storage
+from bigray.errors import BigrayError, DataError
+
+# Max |logit difference| allowed between the exported model (fp32) and the engine that wrote the
+# checkpoint: fp32 engines differ only by kernel order; bf16/fp16 engines round activations to
+# 8/11 mantissa bits, so their logits carry ~1e-2 relative error per layer.
+PROBE_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.05}
+
+
+def latest_checkpoint(run_dir: str, storage_cfg=None) -> str:
+    """The run's checkpoint with the highest step (Ray Train names them checkpoint_<timestamp>)."""
+    fs, path = storage.filesystem(run_dir, storage_cfg)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        raise DataError(f"{run_dir}: no such run directory")
+    best, best_step = None, -1
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        meta_uri = storage.join(run_dir, info.base_name, "bigray.json")
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") and storage.exists(meta_uri, storage_cfg):
+            step = json.loads(storage.read_bytes(meta_uri, storage_cfg))["step"]
+            if step > best_step:
+                best, best_step = storage.join(run_dir, info.base_name), step
+    if best is None:
+        raise DataError(f"{run_dir}: no bigray checkpoint found (expected checkpoint_*/bigray.json)")
+    return best
+
+
+def consolidated_state_dict(ckpt_dir: str, meta: dict) -> dict:
+    """Full fp32 weights from the per-rank ZeRO shards (stage 0 checkpoints hold them whole)."""
+    import torch
+
+    if meta["zero_stage"] == 0:
+        states = torch.load(os.path.join(ckpt_dir, meta["tag"], "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        return {k: v.float() for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=meta["tag"])
+
+
+def export(run_dir: str, out_dir: str, checkpoint: str | None = None, storage_cfg=None) -> dict:
+    """Write `out_dir` (config.json, model.safetensors, tokenizer, generation config); returns facts about it."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    ckpt_uri = checkpoint or latest_checkpoint(run_dir, storage_cfg)
+    local = storage.local_dir(ckpt_uri, storage_cfg)
+    with open(os.path.join(local, "bigray.json")) as f:
+        meta = json.load(f)
+    hf_cfg = AutoConfig.from_pretrained(os.path.join(local, "hf"), local_files_only=True)
+    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="sdpa")
+    missing, unexpected = model.load_state_dict(consolidated_state_dict(local, meta), strict=False)
+    tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
+    if set(missing) - tied or unexpected:
+        raise BigrayError(f"{ckpt_uri}: checkpoint does not fit the model config (missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+    model.tie_weights()
+    model.eval()
+
+    probe = torch.load(os.path.join(local, "probe.pt"), weights_only=True)
+    with torch.no_grad():
+        logits = model(input_ids=probe["input_ids"]).logits.float()
+    diff = (logits - probe["logits"]).abs().max().item()
+    tolerance = PROBE_TOLERANCE[meta["precision"]]
+    if diff > tolerance:
+        raise BigrayError(f"{ckpt_uri}: exported logits differ from the engine's by {diff:.3g} > {tolerance} ({meta['precision']}); export is wrong")
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta["precision"], torch.float32)
+    generation = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id, pad_token_id=hf_cfg.pad_token_id,
+                                  do_sample=False, max_new_tokens=256)
+    with tempfile.TemporaryDirectory(prefix="bigray-export-") as tmp:
+        model.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        generation.save_pretrained(tmp)
+        for name in os.listdir(os.path.join(local, "tokenizer")):
+            with open(os.path.join(local, "tokenizer", name), "rb") as f:
+                data = f.read()
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+        storage.copy_dir(tmp, out_dir, storage_cfg)
+    return {"out_dir": out_dir, "checkpoint": ckpt_uri, "step": meta["step"], "probe_max_abs_diff": diff, "dtype": str(dtype).replace("torch.", "")}

@@ -1,0 +1,100 @@
+"""Throughput, MFU and memory; metrics.jsonl + TensorBoard in the run dir; loss.png at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from bigray import storage
+
+# Dense bf16 tensor-core peaks (no sparsity), FLOP/s; matched by substring of the device name, first hit wins.
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L4", 121e12),
+    ("V100", 125e12), ("T4", 65e12),
+]
+
+
+def peak_flops(device_name: str, override_tflops: float | None = None) -> float | None:
+    if override_tflops:
+        return override_tflops * 1e12
+    return next((peak for key, peak in PEAK_FLOPS if key in device_name), None)
+
+
+def mfu(tokens_per_s_per_device: float, flops_per_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's dense peak."""
+    return tokens_per_s_per_device * flops_per_token / peak if peak else None
+
+
+def memory_gb() -> float:
+    """Peak GPU memory allocated, or this process's resident memory on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+class MetricsLog:
+    """Rank 0's log: one JSON object per logged step, mirrored to `<run>/metrics.jsonl` and TensorBoard.
+
+    After a restart it continues the existing file, dropping records past the resumed step so
+    replayed steps are not logged twice.
+    """
+
+    def __init__(self, run_dir: str, resume_step: int, storage_cfg=None):
+        self.uri = storage.join(run_dir, "metrics.jsonl")
+        self.run_dir, self.storage_cfg = run_dir, storage_cfg
+        self.records: list[dict] = []
+        if resume_step and storage.exists(self.uri, storage_cfg):
+            lines = storage.read_bytes(self.uri, storage_cfg).decode().splitlines()
+            self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
+        self.tb_dir = tempfile.mkdtemp(prefix="bigray-tb-")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(self.tb_dir)
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, record["step"])
+        self.flush_jsonl()
+
+    def flush_jsonl(self) -> None:
+        body = "".join(json.dumps(r) + "\n" for r in self.records).encode()
+        storage.write_bytes(self.uri, body, self.storage_cfg)
+
+    def flush_tensorboard(self) -> None:
+        self.tb.flush()
+        storage.copy_dir(self.tb_dir, storage.join(self.run_dir, "tensorboard"), self.storage_cfg)
+
+
+def plot(records: list[dict], out_uri: str, storage_cfg=None) -> None:
+    """loss.png: train and val loss, learning rate and tokens/s against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    axes[0].plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
+    axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+    axes[0].set(title="loss", xlabel="step")
+    axes[0].legend()
+    axes[1].plot([r["step"] for r in train], [r["lr"] for r in train])
+    axes[1].set(title="learning rate", xlabel="step")
+    axes[2].plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
+    axes[2].set(title="tokens/s (global)", xlabel="step")
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "loss.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        with open(path, "rb") as f:
+            storage.write_bytes(out_uri, f.read(), storage_cfg)

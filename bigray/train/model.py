@@ -1,0 +1,73 @@
+"""Models: Hugging Face causal LMs only, from a Llama-shaped preset (random init) or a pretrained dir."""
+
+from __future__ import annotations
+
+import json
+
+from bigray import storage
+from bigray.config import ModelConfig, StorageConfig
+from bigray.errors import ConfigError
+
+# Shapes of public models of these sizes (125m/350m: GPT-3 paper table; 1b: Llama-3.2-1B; 8b: Llama-3-8B).
+PRESETS: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=192, tie_word_embeddings=True),
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12, intermediate_size=2048, tie_word_embeddings=True),
+    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, intermediate_size=2816, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+               tie_word_embeddings=True, rope_theta=500000.0),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+               tie_word_embeddings=False, rope_theta=500000.0),
+}
+
+
+def model_config(model: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, storage_cfg: StorageConfig | None = None):
+    """The HF config to build: the pretrained dir's own, or a LlamaConfig for the preset."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if model.pretrained:
+        local = storage.local_dir(model.pretrained, storage_cfg)
+        try:
+            cfg = AutoConfig.from_pretrained(local, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"model.pretrained: {model.pretrained} is not an HF model dir ({exc})") from None
+        if cfg.vocab_size < vocab_size:
+            raise ConfigError(f"model.pretrained: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}; "
+                              "token ids would index past the embedding table")
+        return cfg
+    return LlamaConfig(
+        vocab_size=vocab_size, max_position_embeddings=seq_len, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
+        rms_norm_eps=1e-5, initializer_range=0.02, attention_dropout=0.0, **PRESETS[model.preset],
+    )
+
+
+def pretrained_vocab(model: ModelConfig, storage_cfg: StorageConfig | None = None) -> int | None:
+    """vocab_size from a pretrained dir's config.json, read without loading weights (for early validation)."""
+    if not model.pretrained:
+        return None
+    path = storage.join(model.pretrained, "config.json")
+    if not storage.exists(path, storage_cfg):
+        raise ConfigError(f"model.pretrained: {model.pretrained} has no config.json")
+    return json.loads(storage.read_bytes(path, storage_cfg))["vocab_size"]
+
+
+def build_model(hf_config, model: ModelConfig, storage_cfg: StorageConfig | None = None, dtype=None):
+    """Instantiate on this rank. Under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive, so
+    transformers builds (and loads) inside deepspeed.zero.Init and no rank holds all parameters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(attn_implementation="sdpa", dtype=dtype or torch.float32)
+    if model.pretrained:
+        local = storage.local_dir(model.pretrained, storage_cfg)
+        return AutoModelForCausalLM.from_pretrained(local, config=hf_config, local_files_only=True, use_safetensors=True, **kwargs)
+    return AutoModelForCausalLM.from_config(hf_config, **kwargs)
+
+
+def flops_per_token(hf_config, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls (forward + backward) plus 12·layers·hidden·seq for attention.
+
+    N excludes the input embedding table (a lookup, not a matmul) unless it is tied to the LM head.
+    """
+    hidden, layers = hf_config.hidden_size, hf_config.num_hidden_layers
+    embed = 0 if getattr(hf_config, "tie_word_embeddings", False) else hf_config.vocab_size * hidden
+    return 6 * (n_params - embed) + 12 * layers * hidden * seq_len
