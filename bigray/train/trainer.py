@@ -37,9 +37,13 @@ def plan(cfg: Config) -> dict:
 
 def _probe(root: str, manifest: dict, storage_cfg) -> list[int]:
     """A fixed short input whose logits each checkpoint stores, so export can prove it matches the engine."""
+    import pyarrow.parquet as pq
+
     split = "val" if manifest["splits"]["val"]["rows"] else "train"
-    row = load_split(root, split, storage_cfg).take(1)[0]["tokens"]
-    return [int(x) for x in row[:PROBE_TOKENS]]
+    fs, path = storage.filesystem(storage.join(root, manifest["splits"][split]["shards"][0]["path"]), storage_cfg)
+    with fs.open_input_file(path) as f:
+        first = pq.ParquetFile(f).read_row_group(0, columns=["tokens"]).column("tokens")[0].as_py()
+    return first[:PROBE_TOKENS]
 
 
 def trainer(cfg: Config, p: dict, name: str | None = None):
