@@ -29,7 +29,7 @@ def _prepare(cfg: Config, args) -> None:
 
 
 def _train(cfg: Config, args) -> None:
-    from bigray.train import train
+    from bigray.train.trainer import train
 
     out = train(cfg)
     first, last = out["first"], out["metrics"]
@@ -42,7 +42,7 @@ def _train(cfg: Config, args) -> None:
 
 
 def _export(cfg: Config, args) -> None:
-    from bigray.train import export
+    from bigray.train.export import export
 
     out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, storage_cfg=cfg.storage)
     print(f"export: {out['out_dir']} from {out['checkpoint']} (step {out['step']}, {out['dtype']}, "

@@ -47,7 +47,7 @@ def hf_logits_match_probe(export_dir, run_dir, s3=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bigray.train import latest_checkpoint
+    from bigray.train.export import latest_checkpoint
 
     local = storage.local_dir(export_dir)
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(os.listdir(local))
@@ -63,7 +63,7 @@ def hf_logits_match_probe(export_dir, run_dir, s3=None):
 @pytest.fixture(scope="module")
 def reference_run(shards, s3):
     """ZeRO-2, 2 workers, everything in S3: the uninterrupted run other tests compare with."""
-    from bigray.train import train
+    from bigray.train.trainer import train
 
     cfg = run_cfg(shards, s3.uri("runs"), "zero2", "train.zero_stage=2", "train.max_steps=60", "train.eval_every=20",
                   "train.checkpoint_every=20", "train.keep_checkpoints=2", "train.micro_batch_size=8")
@@ -87,7 +87,7 @@ def test_zero2_on_s3_writes_metrics_checkpoints_and_export(reference_run, s3):
 
 
 def test_zero3_local_storage(shards, tmp_path):
-    from bigray.train import train
+    from bigray.train.trainer import train
 
     out = train(run_cfg(shards, str(tmp_path), "zero3", "train.zero_stage=3", "train.max_steps=20", "train.eval_every=10",
                         "train.checkpoint_every=10"))
@@ -99,7 +99,7 @@ def test_zero3_local_storage(shards, tmp_path):
 def test_finetune_from_non_llama_pretrained_dir(shards, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from bigray.train import train
+    from bigray.train.trainer import train
 
     pretrained = tmp_path / "gpt2-tiny"
     GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4)).save_pretrained(pretrained)
@@ -113,7 +113,7 @@ def test_killed_worker_resumes_exactly(reference_run, shards, s3, ray_cluster):
     """SIGKILL one training worker after the step-20 checkpoint; Ray Train restarts the group from it."""
     import psutil
 
-    from bigray.train import train
+    from bigray.train.trainer import train
 
     ref_cfg, ref = reference_run
     cfg = ref_cfg.model_copy(update={"train": ref_cfg.train.model_copy(update={"run_name": "killed", "max_failures": 2})})

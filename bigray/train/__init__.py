@@ -1,6 +1,6 @@
-"""Training: DeepSpeed ZeRO on Ray Train workers over prepared shards; export to a Hugging Face dir."""
+"""Training: DeepSpeed ZeRO on Ray Train workers over prepared shards; export to a Hugging Face dir.
 
-from bigray.train.export import export, latest_checkpoint
-from bigray.train.trainer import train
-
-__all__ = ["export", "latest_checkpoint", "train"]
+trainer.py (the driver: `bigray train`), loop.py (the per-worker function), data.py (the replayable
+data order), zero.py (DeepSpeed config, param groups, LR schedule), model.py (presets, FLOPs),
+metrics.py (MFU, metrics.jsonl, TensorBoard, loss.png), export.py (ZeRO checkpoint -> HF dir).
+"""

@@ -29,7 +29,11 @@ def train_func(config: dict) -> None:
     t, manifest, run_dir = cfg.train, config["manifest"], config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    engine, hf_cfg, precision, device = setup_engine(cfg, manifest, world)
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    tok = manifest["tokenizer"]
+    engine, hf_cfg, precision = setup_engine(cfg, tok["vocab_size"], manifest["seq_len"], tok["eos_id"], world, device)
     step = restore(engine, rank)
     log = MetricsLog(run_dir, step, cfg.storage) if rank == 0 else None
 
@@ -86,25 +90,25 @@ def train_func(config: dict) -> None:
         log.flush_tensorboard()
 
 
-def setup_engine(cfg: Config, manifest: dict, world: int):
-    """Build the model (inside zero.Init under ZeRO-3), AdamW, the LR schedule and the DeepSpeed engine."""
+def setup_engine(cfg: Config, vocab_size: int, seq_len: int, eos_id: int, world: int, device):
+    """Build the model (inside zero.Init under ZeRO-3), AdamW, the LR schedule and the DeepSpeed engine.
+
+    Needs torch.distributed initialised (Ray Train does it); nothing here depends on Ray.
+    """
     t = cfg.train
-    if not t.use_gpu:
+    if device.type != "cuda":
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
-    import ray.train.torch
     import torch
     from deepspeed.accelerator import get_accelerator
 
-    # Ray Train already set up torch.distributed; DeepSpeed's comm layer wraps that process group
-    # (ZeRO-3's zero.Init reads the world size from it while the model is built).
+    # DeepSpeed's comm layer wraps the existing process group (ZeRO-3's zero.Init reads the world
+    # size from it while the model is built).
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    device = ray.train.torch.get_device()
     on_gpu = device.type == "cuda"
     precision = resolve_precision(t.precision, on_gpu, get_accelerator().is_bf16_supported())
     ds_cfg = deepspeed_config(t, world, precision, on_gpu)
-    tok = manifest["tokenizer"]
-    hf_cfg = model_config(cfg.model, tok["vocab_size"], manifest["seq_len"], tok["eos_id"], cfg.storage)
+    hf_cfg = model_config(cfg.model, vocab_size, seq_len, eos_id, cfg.storage)
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -127,7 +131,7 @@ def setup_engine(cfg: Config, manifest: dict, world: int):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
     if t.compile:
         engine.compile()
-    return engine, hf_cfg, precision, device
+    return engine, hf_cfg, precision
 
 
 def lm_loss(engine, rows: np.ndarray, device):
