@@ -19,4 +19,4 @@ def init_ray(cfg: RayConfig) -> None:
         # Bound to loopback: a laptop or CI run must not open Ray's ports on the network. At least 4
         # logical CPUs so that Ray Data's read tasks still get scheduled beside the training workers.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(_node_ip_address="127.0.0.1", num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+        ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)

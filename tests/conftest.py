@@ -61,12 +61,33 @@ def s3():
     server.stop()
 
 
+def start_local_ray():
+    import ray
+
+    # 4 logical CPUs on a 2-core box: 2 training workers plus Ray Data's read tasks beside them.
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(s3):
     """One local Ray cluster for the session, started after the S3 env so workers inherit it."""
     import ray
 
-    ray.init(_node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_local_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shards(s3, ray_cluster):
+    """Tiny tokenized shards of three stdlib packages, written to the local S3 server by `prepare`."""
+    from bigray.config import load_config
+    from bigray.data import prepare
+
+    out = s3.uri("train-data")
+    prepare(load_config(overrides=[
+        "data.inputs=['{stdlib}/json/*.py', '{stdlib}/email/*.py', '{stdlib}/logging/*.py']", "data.format=text",
+        f"data.output={out}", "data.vocab_size=512", "data.seq_len=64", "data.val_fraction=0.05",
+    ]))
+    return out

@@ -65,3 +65,8 @@ def test_override_errors_name_command_line(tmp_path):
         parse_override("train.lr")
     with pytest.raises(ConfigError, match=r"cannot read config file"):
         load_config([tmp_path / "missing.yaml"])
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob(str(__import__("pathlib").Path(__file__).parent.parent / "configs" / "*.yaml"))))
+def test_shipped_configs_validate(path):
+    load_config([path])

@@ -19,19 +19,8 @@ from bigray import storage
 from bigray.config import load_config
 from bigray.errors import ConfigError
 
-STDLIB_TEXT = ["data.inputs=['{stdlib}/json/*.py', '{stdlib}/email/*.py', '{stdlib}/logging/*.py']", "data.format=text"]
 TINY = ["train.num_workers=2", "train.micro_batch_size=4", "train.precision=fp32", "train.lr=3e-3", "train.min_lr=3e-4",
         "train.warmup_steps=5", "train.log_every=5", "train.max_failures=0"]
-
-
-@pytest.fixture(scope="module")
-def shards(s3, ray_cluster):
-    """Tiny tokenized shards of three stdlib packages, written to the local S3 server by `prepare`."""
-    from bigray.data import prepare
-
-    out = s3.uri("train-data")
-    prepare(load_config(overrides=[*STDLIB_TEXT, f"data.output={out}", "data.vocab_size=512", "data.seq_len=64", "data.val_fraction=0.05"]))
-    return out
 
 
 def run_cfg(shards, storage_path, run_name, *extra):

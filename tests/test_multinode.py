@@ -1,0 +1,49 @@
+"""The same `bigray train` on a two-node cluster (ray.cluster_utils.Cluster on loopback), one worker per node."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bigray import storage
+from bigray.config import load_config
+
+
+@pytest.fixture
+def two_nodes(shards, monkeypatch):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tests.conftest import start_local_ray
+
+    # A driver that is not itself a node rewrites a 127.0.0.1 address to the host's own IP unless
+    # this is off; with it off Ray resolves "this host" to loopback, so nothing leaves 127.0.0.1.
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    start_local_ray()  # the session's single-node cluster, for the tests after this one
+
+
+def test_one_worker_per_node(two_nodes, shards, tmp_path):
+    import ray
+
+    from bigray.train.trainer import train
+
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+    cfg = load_config(overrides=[
+        f"data.output={shards}", f"train.storage_path={tmp_path}", "train.run_name=two-nodes", "train.num_workers=2",
+        "train.placement_strategy=STRICT_SPREAD", "train.precision=fp32", "train.max_steps=10", "train.log_every=5",
+        "train.eval_every=10", "train.checkpoint_every=10", "train.warmup_steps=2", "train.lr=3e-3", "train.min_lr=3e-4",
+        "train.max_failures=0",
+    ])
+    out = train(cfg)
+    records = [json.loads(line) for line in storage.read_bytes(storage.join(out["run_dir"], "metrics.jsonl")).decode().splitlines()]
+    assert [r["step"] for r in records] == [5, 10] and "val_loss" in records[-1]
+    assert out["export"]["step"] == 10
