@@ -12,6 +12,9 @@ import pytest
 
 # Nothing in the tests may reach beyond loopback: no Ray usage stats, no EC2 metadata lookups.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray (read once, at import) resolves "this host" to loopback with this off; otherwise a driver that
+# is not itself a node (ray.cluster_utils.Cluster) rewrites 127.0.0.1 to the host's own address.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

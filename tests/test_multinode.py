@@ -11,15 +11,12 @@ from bigray.config import load_config
 
 
 @pytest.fixture
-def two_nodes(shards, monkeypatch):
+def two_nodes(shards):
     import ray
     from ray.cluster_utils import Cluster
 
     from tests.conftest import start_local_ray
 
-    # A driver that is not itself a node rewrites a 127.0.0.1 address to the host's own IP unless
-    # this is off; with it off Ray resolves "this host" to loopback, so nothing leaves 127.0.0.1.
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
