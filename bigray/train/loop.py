@@ -24,13 +24,12 @@ PROBE_TOKENS = 16
 
 def train_func(config: dict) -> None:
     import ray.train
+    import ray.train.torch
 
     cfg = Config.model_validate(config["cfg"])
     t, manifest, run_dir = cfg.train, config["manifest"], config["run_dir"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    import ray.train.torch
-
     device = ray.train.torch.get_device()
     tok = manifest["tokenizer"]
     engine, hf_cfg, precision = setup_engine(cfg, tok["vocab_size"], manifest["seq_len"], tok["eos_id"], world, device)

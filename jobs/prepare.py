@@ -1,0 +1,11 @@
+"""Ray job entrypoint for `bigray prepare`: the same CLI, inside the job's cluster (RAY_ADDRESS is set by Ray).
+
+    ray job submit --address http://<head>:8265 --working-dir . -- python jobs/prepare.py -c configs/<x>.yaml [k=v ...]
+"""
+
+import sys
+
+from bigray.cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["prepare", *sys.argv[1:]]))
