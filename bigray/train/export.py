@@ -79,10 +79,6 @@ def export(run_dir: str, out_dir: str, checkpoint: str | None = None, storage_cf
     with tempfile.TemporaryDirectory(prefix="bigray-export-") as tmp:
         model.to(dtype).save_pretrained(tmp, safe_serialization=True)
         generation.save_pretrained(tmp)
-        for name in os.listdir(os.path.join(local, "tokenizer")):
-            with open(os.path.join(local, "tokenizer", name), "rb") as f:
-                data = f.read()
-            with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
+        storage.copy_dir(os.path.join(local, "tokenizer"), tmp)
         storage.copy_dir(tmp, out_dir, storage_cfg)
     return {"out_dir": out_dir, "checkpoint": ckpt_uri, "step": meta["step"], "probe_max_abs_diff": diff, "dtype": str(dtype).replace("torch.", "")}

@@ -107,7 +107,9 @@ def setup_engine(cfg: Config, vocab_size: int, seq_len: int, eos_id: int, world:
     on_gpu = device.type == "cuda"
     precision = resolve_precision(t.precision, on_gpu, get_accelerator().is_bf16_supported())
     ds_cfg = deepspeed_config(t, world, precision, on_gpu)
-    hf_cfg = model_config(cfg.model, vocab_size, seq_len, eos_id, cfg.storage)
+    # One local copy of an s3:// pretrained dir serves both the config and the weights.
+    pretrained_dir = storage.local_dir(cfg.model.pretrained, cfg.storage) if cfg.model.pretrained else None
+    hf_cfg = model_config(cfg.model, vocab_size, seq_len, eos_id, pretrained_dir)
     random.seed(t.seed)
     np.random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -116,7 +118,7 @@ def setup_engine(cfg: Config, vocab_size: int, seq_len: int, eos_id: int, world:
 
         # Must stay alive while the model is built: transformers then builds inside deepspeed.zero.Init.
         ds_hint = HfDeepSpeedConfig(ds_cfg)  # noqa: F841
-    model = build_model(hf_cfg, cfg.model, cfg.storage)
+    model = build_model(hf_cfg, pretrained_dir)
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = param_groups(model, t.weight_decay)

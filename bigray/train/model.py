@@ -20,20 +20,15 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def model_config(model: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, storage_cfg: StorageConfig | None = None):
-    """The HF config to build: the pretrained dir's own, or a LlamaConfig for the preset."""
+def model_config(model: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pretrained_dir: str | None = None):
+    """The HF config to build: the pretrained dir's own (a local copy of `model.pretrained`), or a LlamaConfig for the preset."""
     from transformers import AutoConfig, LlamaConfig
 
-    if model.pretrained:
-        local = storage.local_dir(model.pretrained, storage_cfg)
+    if pretrained_dir:
         try:
-            cfg = AutoConfig.from_pretrained(local, local_files_only=True)
+            return AutoConfig.from_pretrained(pretrained_dir, local_files_only=True)
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.pretrained: {model.pretrained} is not an HF model dir ({exc})") from None
-        if cfg.vocab_size < vocab_size:
-            raise ConfigError(f"model.pretrained: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {vocab_size}; "
-                              "token ids would index past the embedding table")
-        return cfg
     return LlamaConfig(
         vocab_size=vocab_size, max_position_embeddings=seq_len, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
         rms_norm_eps=1e-5, initializer_range=0.02, attention_dropout=0.0, **PRESETS[model.preset],
@@ -41,7 +36,8 @@ def model_config(model: ModelConfig, vocab_size: int, seq_len: int, eos_id: int,
 
 
 def pretrained_vocab(model: ModelConfig, storage_cfg: StorageConfig | None = None) -> int | None:
-    """vocab_size from a pretrained dir's config.json, read without loading weights (for early validation)."""
+    """vocab_size from a pretrained dir's config.json, read without loading weights, so the driver can
+    refuse a vocab smaller than the tokenizer's before any worker starts."""
     if not model.pretrained:
         return None
     path = storage.join(model.pretrained, "config.json")
@@ -50,16 +46,15 @@ def pretrained_vocab(model: ModelConfig, storage_cfg: StorageConfig | None = Non
     return json.loads(storage.read_bytes(path, storage_cfg))["vocab_size"]
 
 
-def build_model(hf_config, model: ModelConfig, storage_cfg: StorageConfig | None = None, dtype=None):
+def build_model(hf_config, pretrained_dir: str | None = None, dtype=None):
     """Instantiate on this rank. Under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive, so
     transformers builds (and loads) inside deepspeed.zero.Init and no rank holds all parameters."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = dict(attn_implementation="sdpa", dtype=dtype or torch.float32)
-    if model.pretrained:
-        local = storage.local_dir(model.pretrained, storage_cfg)
-        return AutoModelForCausalLM.from_pretrained(local, config=hf_config, local_files_only=True, use_safetensors=True, **kwargs)
+    if pretrained_dir:
+        return AutoModelForCausalLM.from_pretrained(pretrained_dir, config=hf_config, local_files_only=True, use_safetensors=True, **kwargs)
     return AutoModelForCausalLM.from_config(hf_config, **kwargs)
 
 
