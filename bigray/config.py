@@ -117,9 +117,9 @@ class TuneConfig(Section):
 
 
 class AutoscalingConfig(Section):
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1)
-    target_ongoing_requests: float = Field(2.0, gt=0)
+    min_replicas: int = Field(1, ge=0, description="replicas kept when idle (0 scales to zero)")
+    max_replicas: int = Field(1, ge=1, description="upper bound on replicas")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="in-flight requests per replica Serve scales towards")
 
 
 class ServeConfig(Section):
@@ -130,7 +130,25 @@ class ServeConfig(Section):
     autoscaling: AutoscalingConfig | None = Field(None, description="Serve autoscaling; null: num_replicas")
     max_batch_size: int = Field(16, ge=1, description="requests batched together")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
-    api_key: str | None = Field(None, description='when set, requests need "Authorization: Bearer <key>"')
+    api_key: str | None = Field(None, description='when set, requests need "Authorization: Bearer <key>"; "${NAME}" / "env:NAME" read the environment')
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf: bigray's batched HF engine (CPU or GPU); vllm: ray.serve.llm on GPU clusters")
+    model_name: str | None = Field(None, description="id clients pass as `model`; null: the model dir's name (its parent's for .../export)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica (also torch's intra-op threads)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction) per replica; > 0 runs the model on CUDA")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica holds at once (Serve's limit); keep >= max_batch_size")
+    max_queued_requests: int = Field(-1, ge=-1, description="requests waiting for a replica before Serve answers 503; -1: unlimited")
+    max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) a request may ask for")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on GPU")
+    accelerator_type: str | None = Field(None, description="vllm engine: Ray accelerator type per replica, e.g. A10G, H100")
+    vllm: dict[str, Any] = Field(default_factory=dict, description="vllm engine: raw LLMConfig fields merged last (engine_kwargs, runtime_env, ...)")
+
+    @model_validator(mode="after")
+    def _consistent_serve(self) -> ServeConfig:
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size ({self.max_batch_size}) or batches never fill")
+        if self.autoscaling and self.autoscaling.min_replicas > self.autoscaling.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.autoscaling.min_replicas}) exceeds max_replicas ({self.autoscaling.max_replicas})")
+        return self
 
 
 class Config(Section):

@@ -1,0 +1,189 @@
+"""`bigray serve` throughput and overhead, in one run:
+
+1. generated tokens/s at 1, 8 and 32 concurrent HTTP clients, with batching on (serve.max_batch_size=32)
+   and off (max_batch_size=1), and their ratio;
+2. the HTTP path's per-request overhead over calling the engine in-process, for one 32-token completion.
+
+    .venv/bin/python benchmarks/serve.py                    # a random-init `tiny` model built on the fly
+    .venv/bin/python benchmarks/serve.py --model runs/demo/train/demo/export --num-cpus 4
+
+Goals: at 32 clients, batching >= 4x the unbatched tokens/s; HTTP overhead < 10% of a 32-token completion.
+Every request is greedy with max_tokens=32 on a distinct prompt; tokens are counted from `usage`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import socket
+import statistics
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def build_model(out: str, preset: str, context: int) -> str:
+    """A random-init Llama of `preset` shape with a 1024-token BPE trained on a few stdlib files (speed does not need training)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from bigray.config import ModelConfig
+    from bigray.data.tokenizer import train_bpe
+    from bigray.train.model import build_model as build
+    from bigray.train.model import model_config
+
+    texts = [p.read_text() for p in sorted(Path(sysconfig.get_paths()["stdlib"], "json").glob("*.py"))]
+    train_bpe(texts, 1024, out)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    torch.manual_seed(0)
+    build(model_config(ModelConfig(preset=preset), len(tok), context, tok.eos_token_id)).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def prompts(n: int) -> list[str]:
+    return [f"def handler_{i}(request, *args):\n    return" for i in range(n)]
+
+
+def post(conn: http.client.HTTPConnection, body: dict, prefix: str = "") -> dict:
+    conn.request("POST", f"{prefix}/v1/completions", body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    out = json.loads(resp.read())
+    if resp.status != 200:
+        raise RuntimeError(out)
+    return out
+
+
+def throughput(url: str, model: str, clients: int, per_client: int, max_tokens: int, prefix: str = "") -> float:
+    """Generated tokens/s with `clients` threads, each sending `per_client` requests back to back on a keep-alive connection."""
+    host, port = url.removeprefix("http://").split(":")
+    tokens = [0] * clients
+    start = threading.Barrier(clients + 1)
+
+    def client(k: int) -> None:
+        conn = http.client.HTTPConnection(host, int(port), timeout=600)
+        start.wait()
+        for p in prompts(per_client * clients)[k::clients]:
+            tokens[k] += post(conn, {"model": model, "prompt": p, "max_tokens": max_tokens, "temperature": 0}, prefix)["usage"]["completion_tokens"]
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return sum(tokens) / (time.perf_counter() - t0)
+
+
+def overhead(url: str, model: str, model_dir: str, prompt: str, max_tokens: int, repeats: int, num_threads: int, wait_s: float):
+    """Median latency of one greedy completion over HTTP and through an in-process Engine with the replica's settings
+    (no proxy, no FastAPI, no JSON), in alternating blocks so that load drifting on a shared machine hits both alike."""
+    from bigray.serve.engine import Engine, SamplingParams
+
+    engine = Engine(model_dir, max_batch_size=32, batch_wait_timeout_s=wait_s, num_threads=num_threads, device="cpu")
+    ids = engine.encode(prompt)
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=600)
+
+    async def in_process() -> int:
+        n = 0
+        async for _, ev in engine.generate([(ids, SamplingParams(max_tokens=max_tokens, temperature=0))]):
+            n = ev.completion_tokens
+        return n
+
+    async def run():
+        http_t, engine_t, counts = [], [], set()
+        await in_process()
+        post(conn, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        for _ in range(2):
+            # Blocks, not alternation: on a 2-core box the idle path's OpenMP threads still spin for a while after
+            # each request and would slow the other path down. Each path keeps its better block median.
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                counts.add(post(conn, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})["usage"]["completion_tokens"])
+                times.append(time.perf_counter() - t0)
+            http_t.append(statistics.median(times))
+            await asyncio.sleep(0.5)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                counts.add(await in_process())
+                times.append(time.perf_counter() - t0)
+            engine_t.append(statistics.median(times))
+            await asyncio.sleep(0.5)
+        return min(http_t), min(engine_t), counts
+
+    return asyncio.run(run())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="HF model dir to serve (default: build a random-init --preset model)")
+    parser.add_argument("--preset", default="tiny", help="shape of the built model (tiny, 125m, ...)")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs (and torch threads) of the one replica")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--per-client", type=int, default=4, help="requests each client sends")
+    parser.add_argument("--repeats", type=int, default=20, help="single requests timed for the overhead (median)")
+    args = parser.parse_args()
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    import ray
+    from ray import serve
+
+    from bigray.config import load_config
+    from bigray.runtime import init_ray
+    from bigray.serve import build_app, start, stop
+
+    model_dir = args.model or build_model(tempfile.mkdtemp(prefix="bigray-bench-serve-"), args.preset, 512)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = [f"serve.model={model_dir}", f"serve.port={port}", "serve.model_name=bench", f"serve.num_cpus={args.num_cpus}",
+            "serve.max_ongoing_requests=64", "serve.batch_wait_timeout_s=0.01", f"ray.num_cpus={2 * args.num_cpus + 1}"]
+    init_ray(load_config(overrides=base).ray)
+    levels = [1, 8, 32]
+    results: dict[str, dict[int, float]] = {"batched": {}, "unbatched": {}}
+    prompt = prompts(1)[0]
+    try:
+        # Both apps stay up side by side (batching off at /unbatched) and are measured alternately, best of two rounds,
+        # so that load drifting on a shared machine does not favour whichever mode happened to run in a quiet minute.
+        url = start(load_config(overrides=[*base, "serve.max_batch_size=32"]))
+        serve.run(build_app(load_config(overrides=[*base, "serve.max_batch_size=1"])), name="bigray-unbatched", route_prefix="/unbatched")
+        modes = {"batched": "", "unbatched": "/unbatched"}
+        for prefix in modes.values():
+            throughput(url, "bench", 4, 1, args.max_tokens, prefix)  # warm up both replicas
+        for _ in range(2):
+            for c in levels:
+                for mode, prefix in modes.items():
+                    results[mode][c] = max(results[mode].get(c, 0.0), throughput(url, "bench", c, args.per_client, args.max_tokens, prefix))
+        for mode in modes:
+            print(f"{mode:9} tokens/s: " + ", ".join(f"{c} clients {results[mode][c]:,.0f}" for c in levels), flush=True)
+        http_s, engine_s, counts = overhead(url, "bench", model_dir, prompt, args.max_tokens, args.repeats, args.num_cpus, 0.01)
+    finally:
+        stop()
+    ray.shutdown()
+
+    print(f"\nmodel {model_dir} ({args.model and 'given' or args.preset}), replica {args.num_cpus} CPUs, max_tokens {args.max_tokens}")
+    print(f"{'clients':>8} {'batched tok/s':>14} {'unbatched tok/s':>16} {'ratio':>7}")
+    for c in levels:
+        print(f"{c:>8} {results['batched'][c]:>14,.0f} {results['unbatched'][c]:>16,.0f} {results['batched'][c] / results['unbatched'][c]:>6.2f}x")
+    over = (http_s - engine_s) / engine_s
+    print(f"\none {'/'.join(map(str, sorted(counts)))}-token completion: engine in-process {engine_s * 1e3:.1f} ms, over HTTP {http_s * 1e3:.1f} ms "
+          f"-> HTTP overhead {http_s * 1e3 - engine_s * 1e3:.1f} ms = {over:.1%}")
+    ratio = results["batched"][32] / results["unbatched"][32]
+    print(f"goals: 32-client batching {ratio:.2f}x (>= 4x: {'met' if ratio >= 4 else 'NOT met'}), "
+          f"HTTP overhead {over:.1%} (< 10%: {'met' if over < 0.10 else 'NOT met'})")
+
+
+if __name__ == "__main__":
+    main()

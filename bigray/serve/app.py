@@ -1,0 +1,322 @@
+"""The OpenAI-compatible HTTP app: a FastAPI ingress on one Ray Serve deployment that owns an `Engine`.
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, GET /health. Errors are
+OpenAI-shaped JSON ({"error": {"message", "type", "param", "code"}}); a bad request never takes the
+replica down. Bodies are parsed by hand (not as FastAPI body parameters) so that the API key is
+checked before anything about the request is looked at.
+"""
+
+import hmac
+import json
+import os
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+
+from bigray.serve.engine import Engine, SamplingParams, request_id
+
+api = FastAPI(title="bigray serve")
+
+# The default chat prompt for tokenizers without a chat template (bigray's own BPE has none): one
+# "<role>: <content>" line per message, then "assistant:" for the model to continue.
+DEFAULT_CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+
+
+@api.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    # Still OpenAI-shaped, so clients report it; the traceback is in the replica's log.
+    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+
+
+class _Body(BaseModel):
+    # Clients send fields we do not use (user, presence_penalty, ...): ignore them, as OpenAI's servers do.
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1)
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None  # OpenAI's limit: up to 4 stop sequences
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=5)
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatBody(_Body):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=5)
+
+
+def resolve_api_key(value: str | None) -> str | None:
+    """`serve.api_key` as given, or read from the environment for "${NAME}" / "env:NAME"."""
+    if not value:
+        return None
+    m = re.fullmatch(r"\$\{(\w+)\}|env:(\w+)", value)
+    if not m:
+        return value
+    name = m.group(1) or m.group(2)
+    key = os.environ.get(name)
+    if not key:
+        from bigray.errors import ConfigError
+
+        raise ConfigError(f"serve.api_key refers to the environment variable {name}, which is not set")
+    return key
+
+
+def model_name(serve_cfg) -> str:
+    """The id clients pass as `model`: serve.model_name, else the dir's name (the run's name for <run>/export)."""
+    if serve_cfg.model_name:
+        return serve_cfg.model_name
+    parts = [p for p in serve_cfg.model.rstrip("/").split("/") if p]
+    return parts[-2] if parts[-1] == "export" and len(parts) > 1 else parts[-1]
+
+
+def _text(content) -> str:
+    """Message content as plain text: a string, or the text parts of a content-parts list."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type", "text") == "text")
+
+
+@serve.deployment(name="bigray")
+@serve.ingress(api)
+class OpenAIServer:
+    """One replica: the model, its engine, and the OpenAI routes."""
+
+    def __init__(self, cfg: dict, api_key: str | None):
+        from bigray import storage
+        from bigray.config import Config
+
+        cfg = Config.model_validate(cfg)
+        s = cfg.serve
+        local = storage.local_dir(s.model, cfg.storage)
+        device = "cuda" if s.num_gpus > 0 else "cpu"
+        self.engine = Engine(local, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s, device=device,
+                             dtype=s.dtype, num_threads=max(1, int(s.num_cpus)))
+        self.name = model_name(s)
+        self.max_n = s.max_n
+        self.api_key = api_key.encode() if api_key else None
+        tok = self.engine.tokenizer
+        self.chat_template = tok.chat_template or DEFAULT_CHAT_TEMPLATE
+        self.created = int(time.time())
+
+    # ---- routes -------------------------------------------------------------------------------------------
+
+    @api.get("/health")
+    async def health(self) -> dict:
+        """Liveness plus the engine's counters (requests, steps, max_batch_seen, ...); open without the API key for probes."""
+        return {"status": "ok", "model": self.name, **self.engine.stats, **self.engine.load()}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        self._auth(request)
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created, "owned_by": "bigray",
+                                            "max_model_len": self.engine.context}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        self._auth(request)
+        body = await self._body(request, CompletionBody)
+        prompts = self._prompts(body.prompt)
+        return await self._respond(body, prompts, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        self._auth(request)
+        body = await self._body(request, ChatBody)
+        messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
+        try:
+            text = self.engine.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 - a template that rejects these messages is the client's problem
+            raise APIError(400, f"messages do not fit the model's chat template: {exc}", param="messages") from None
+        return await self._respond(body, [self.engine.encode(text)], chat=True)
+
+    # ---- request handling ---------------------------------------------------------------------------------
+
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
+            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <serve.api_key>'", "authentication_error", code="invalid_api_key")
+
+    async def _body(self, request: Request, schema: type[BaseModel]):
+        try:
+            raw = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise APIError(400, f"request body is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict):
+            raise APIError(400, "request body must be a JSON object")
+        try:
+            body = schema.model_validate(raw)
+        except ValidationError as exc:
+            errors = exc.errors()
+            # For a union (stop: str | list) the member whose type matched says what is actually wrong.
+            err = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
+            # Union members show up in the location ("prompt.str"): name only the request's own field path.
+            param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or p.isidentifier() and p not in _TYPE_TAGS) or None
+            raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value") from None
+        if body.model != self.name:
+            raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.name!r}", param="model", code="model_not_found")
+        if body.n > self.max_n:
+            raise APIError(400, f"n={body.n} is more than this server allows (serve.max_n={self.max_n})", param="n")
+        return body
+
+    def _prompts(self, prompt) -> list[list[int]]:
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        elif prompt and isinstance(prompt[0], int):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt is empty", param="prompt")
+        vocab = len(self.engine.tokenizer)
+        out = []
+        for p in prompt:
+            ids = self.engine.encode(p) if isinstance(p, str) else list(p)
+            if not ids:
+                raise APIError(400, "prompt encodes to zero tokens", param="prompt")
+            if any(not 0 <= i < vocab for i in ids):
+                raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+            out.append(ids)
+        return out
+
+    def _params(self, body, prompts: list[list[int]], chat: bool) -> list[tuple[list[int], SamplingParams]]:
+        ctx = self.engine.context
+        longest = max(len(p) for p in prompts)
+        if longest >= ctx:
+            raise APIError(400, f"the prompt has {longest} tokens; this model's context is {ctx} tokens", param="messages" if chat else "prompt",
+                           code="context_length_exceeded")
+        max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+        if max_tokens is None:
+            max_tokens = ctx - longest  # chat's default: whatever room the context leaves
+        if longest + max_tokens > ctx:
+            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {longest} tokens exceeds this model's context of {ctx} tokens",
+                           param="max_tokens", code="context_length_exceeded")
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(s for s in body.stop or () if s)
+        logprobs = (body.top_logprobs or 0) if chat and body.logprobs else (None if chat else body.logprobs)
+        items = []
+        for p in prompts:
+            for j in range(body.n):
+                # Choice j of a seeded request samples with seed + j: reproducible, yet the n choices differ.
+                seed = None if body.seed is None else body.seed + j
+                items.append((p, SamplingParams(max_tokens, body.temperature, body.top_p, body.top_k, stop, seed, logprobs)))
+        return items
+
+    async def _respond(self, body, prompts: list[list[int]], chat: bool):
+        items = self._params(body, prompts, chat)
+        rid = request_id("chatcmpl" if chat else "cmpl")
+        usage = {"prompt_tokens": sum(len(p) for p in prompts) * body.n, "completion_tokens": 0}
+        if body.stream:
+            return StreamingResponse(self._stream(body, items, rid, usage, chat), media_type="text/event-stream")
+        texts = [""] * len(items)
+        finish: list[str | None] = [None] * len(items)
+        counts = [0] * len(items)
+        lps: list[list] = [[] for _ in items]
+        tokens: list[list[int]] = [[] for _ in items]
+        async for i, ev in self.engine.generate(items):
+            if ev.error:
+                raise APIError(500, f"generation failed: {ev.error}", "server_error")
+            texts[i] += ev.text
+            counts[i] = ev.completion_tokens
+            tokens[i] += ev.token_ids
+            lps[i] += ev.logprobs
+            finish[i] = ev.finish_reason
+        usage["completion_tokens"] = sum(counts)
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        choices = []
+        for i, text in enumerate(texts):
+            want_lp = items[i][1].logprobs is not None
+            if chat:
+                lp = {"content": self._chat_logprobs(tokens[i], lps[i])} if want_lp else None
+                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish[i]})
+            else:
+                choices.append({"index": i, "text": text, "logprobs": self._completion_logprobs(tokens[i], lps[i]) if want_lp else None,
+                                "finish_reason": finish[i]})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": self.name,
+                "choices": choices, "usage": usage}
+
+    async def _stream(self, body, items, rid: str, usage: dict, chat: bool):
+        """Server-sent events in OpenAI's chunk format; leaving early (client gone) frees the rows via generate()'s finally."""
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices, **extra) -> str:
+            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices, **extra}) + "\n\n"
+
+        if chat:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(len(items))])
+        counts = [0] * len(items)
+        async for i, ev in self.engine.generate(items):
+            if ev.error:
+                error = {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None, "code": None}
+                yield "data: " + json.dumps({"error": error}) + "\n\n"
+                break
+            counts[i] = ev.completion_tokens
+            if not ev.text and ev.finish_reason is None:
+                continue
+            want_lp = items[i][1].logprobs is not None
+            if chat:
+                lp = {"content": self._chat_logprobs(ev.token_ids, ev.logprobs)} if want_lp else None
+                yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": ev.finish_reason}])
+            else:
+                lp = self._completion_logprobs(ev.token_ids, ev.logprobs) if want_lp else None
+                yield chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
+        if (body.stream_options or {}).get("include_usage"):
+            usage["completion_tokens"] = sum(counts)
+            usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+            yield chunk([], usage=usage)
+        yield "data: [DONE]\n\n"
+
+    def _completion_logprobs(self, tokens: list[int], lps: list) -> dict:
+        text = self.engine.token_text
+        pieces = [text(t) for t in tokens]
+        offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
+        return {"tokens": pieces, "token_logprobs": [lp for lp, _ in lps], "top_logprobs": [{text(t): v for t, v in top.items()} for _, top in lps],
+                "text_offset": offsets}
+
+    def _chat_logprobs(self, tokens: list[int], lps: list) -> list[dict]:
+        text = self.engine.token_text
+        return [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode()),
+                 "top_logprobs": [{"token": text(k), "logprob": v, "bytes": list(text(k).encode())} for k, v in top.items()]}
+                for t, (lp, top) in zip(tokens, lps)]
