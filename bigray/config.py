@@ -114,6 +114,14 @@ class TuneConfig(Section):
     mode: Literal["min", "max"] = Field("min", description="minimise or maximise the metric")
     storage_path: str | None = Field(None, description="local dir or s3:// prefix for sweeps")
     name: str | None = Field(None, description="null: generated")
+    searcher: Literal["random", "optuna"] = Field("random", description="random/grid variants, or Optuna's TPE (needs the `tune` extra)")
+    grace_period: int = Field(100, ge=1, description="ASHA: steps every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of the trials go on at each rung")
+    perturbation_interval: int | None = Field(None, ge=1, description="PBT: steps between exploit/explore; null: train.checkpoint_every")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT: bottom fraction that copies the top fraction")
+    resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: chance a mutated value is resampled rather than perturbed")
+    seed: int | None = Field(None, description="seeds the searcher's sampling; null: random")
+    max_failures: int = Field(0, ge=0, description="times Tune retries a failed trial (Ray Train restarts workers itself first)")
 
 
 class AutoscalingConfig(Section):

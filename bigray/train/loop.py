@@ -33,7 +33,10 @@ def train_func(config: dict) -> None:
     device = ray.train.torch.get_device()
     tok = manifest["tokenizer"]
     engine, hf_cfg, precision = setup_engine(cfg, tok["vocab_size"], manifest["seq_len"], tok["eos_id"], world, device)
-    step = restore(engine, rank)
+    step = restore(engine, rank, config.get("resume_from"), cfg.storage)
+    # The checkpoint's scheduler state carries the peak LR of the run that wrote it; this run's own
+    # train.lr wins (a PBT trial restarts from another trial's checkpoint with a perturbed LR).
+    engine.lr_scheduler.base_lrs = [t.lr] * len(engine.lr_scheduler.base_lrs)
     log = MetricsLog(run_dir, step, cfg.storage) if rank == 0 else None
 
     seq_len = manifest["seq_len"]
@@ -197,12 +200,16 @@ def save_checkpoint(engine, cfg: Config, config: dict, metrics: dict, rank: int,
         ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def restore(engine, rank: int) -> int:
-    """Resume from Ray Train's latest checkpoint, if any: weights, optimizer, scheduler, step, RNG."""
+def restore(engine, rank: int, resume_from: str | None = None, storage_cfg=None) -> int:
+    """Resume from Ray Train's latest checkpoint, else from `resume_from`, if any: weights, optimizer, scheduler, step, RNG."""
     import ray.train
     import torch
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and resume_from:
+        # This run has no checkpoint of its own yet: start from another run's (Tune's PBT exploit, a resumed trial).
+        fs, path = storage.filesystem(resume_from, storage_cfg)
+        checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is None:
         return 0
     with checkpoint.as_directory() as d:

@@ -46,8 +46,11 @@ def _probe(root: str, manifest: dict, storage_cfg) -> list[int]:
     return first[:PROBE_TOKENS]
 
 
-def trainer(cfg: Config, p: dict, name: str | None = None):
-    """The TorchTrainer for this config (also what `bigray tune` wraps)."""
+def trainer(cfg: Config, p: dict, name: str | None = None, resume_from: str | None = None, callbacks: list | None = None):
+    """The TorchTrainer for this config (also what `bigray tune` runs in each trial).
+
+    `resume_from`: a checkpoint URI (another run's, e.g. a PBT exploit) to start from when this run has none of its own.
+    """
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -63,6 +66,7 @@ def trainer(cfg: Config, p: dict, name: str | None = None):
         train_loop_config={
             "cfg": cfg.model_dump(mode="json"), "manifest": p["manifest"], "run_dir": p["run_dir"], "datasets": sorted(datasets),
             "tokenizer_dir": storage.join(p["root"], p["manifest"]["tokenizer"]["path"]), "probe": _probe(p["root"], p["manifest"], cfg.storage),
+            "resume_from": resume_from,
         },
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
@@ -71,6 +75,7 @@ def trainer(cfg: Config, p: dict, name: str | None = None):
             name=name or p["run_name"], storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         # Not split: every worker streams the whole split in the same preserved order and takes

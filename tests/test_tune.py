@@ -1,0 +1,181 @@
+"""`bigray tune` on real Ray Tune + Ray Train + DeepSpeed (CPU), shards and sweeps in local S3.
+
+Each trial is a real one-worker `bigray train` run of the tiny preset; checked against Tune's own
+state, boto3 listings, HF `from_pretrained` and a real `bigray train -c best.yaml`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bigray import storage
+from bigray.config import load_config
+from bigray.errors import ConfigError
+
+# One worker per trial and few steps; the learning rates below are far apart, so ASHA's
+# decisions do not hang on noise: 3e-6 barely moves from the initial loss in 10 steps.
+TRIAL = ["train.num_workers=1", "train.micro_batch_size=4", "train.precision=fp32", "train.min_lr=1e-6", "train.warmup_steps=2",
+         "train.max_steps=30", "train.eval_every=5", "train.eval_batches=4", "train.log_every=5", "train.checkpoint_every=10",
+         "train.keep_checkpoints=1", "train.max_failures=0"]
+LRS = "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-3, 3.0e-6, 1.0e-6]}}"
+
+
+def sweep_cfg(shards, s3, name, *extra, space=LRS):
+    return load_config(overrides=[f"data.output={shards}", f"tune.storage_path={s3.uri('sweeps')}", f"tune.name={name}", *TRIAL, space,
+                                  "tune.num_samples=1", "tune.max_concurrent=2", *extra])
+
+
+def leftovers(ray) -> list:
+    """Train workers or placement groups still holding resources once a sweep is over."""
+    from ray.util import placement_group_table
+
+    for _ in range(30):
+        groups = [pg["bundles"] for pg in placement_group_table().values() if pg["state"] != "REMOVED"]
+        left = groups + ([] if ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"] else ["CPUs in use"])
+        if not left:
+            break
+        time.sleep(1)
+    return left
+
+
+@pytest.fixture(scope="module")
+def asha(shards, s3, ray_cluster):
+    from bigray.tune import tune
+
+    cfg = sweep_cfg(shards, s3, "asha", "tune.scheduler=asha", "tune.grace_period=10", "tune.reduction_factor=2")
+    return cfg, tune(cfg)
+
+
+def test_asha_sweep_stops_bad_trials_and_exports_best(asha, s3, ray_cluster):
+    import pandas as pd
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg, out = asha
+    trials = {t["params"]["train.lr"]: t for t in out["trials"]}
+    assert sorted(trials) == [1e-6, 3e-6, 1e-3, 3e-3]
+    assert all(t["status"] == "TERMINATED" for t in trials.values())
+    assert trials[3e-6]["stopped_early"] and trials[1e-6]["stopped_early"], "ASHA stops the hopeless learning rates at its first rung"
+    assert trials[3e-6]["step"] < 30 and trials[1e-6]["step"] < 30
+    assert out["best_trial"] == trials[3e-3]["trial_id"] and out["best_metric"] == trials[3e-3]["metric"]
+    assert trials[3e-3]["step"] == 30 and not trials[3e-3]["stopped_early"]
+
+    results = pd.read_csv(io.BytesIO(storage.read_bytes(out["results_csv"])))
+    assert len(results) == 4 and list(results["val_loss"]) == sorted(results["val_loss"])
+    assert results["train.lr"].iloc[0] == 3e-3
+    keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="sweeps/asha/")["Contents"]}
+    assert {"sweeps/asha/results.csv", "sweeps/asha/best.yaml", "sweeps/asha/val_loss.png", "sweeps/asha/best/export/model.safetensors"} <= keys
+
+    model = AutoModelForCausalLM.from_pretrained(storage.local_dir(out["best_export"]), local_files_only=True, dtype=torch.float32)
+    assert model.config.vocab_size >= 512
+    assert out["export"]["step"] == 30
+
+    assert not leftovers(ray_cluster), "stopped and finished trials leave no Train workers or placement groups behind"
+
+
+def test_best_yaml_runs_with_bigray_train(asha, tmp_path, capsys):
+    from bigray.cli import main
+
+    cfg, out = asha
+    path = tmp_path / "best.yaml"
+    path.write_bytes(storage.read_bytes(out["best_yaml"]))
+    best = load_config([path])
+    assert best.train.lr == 3e-3 and best.train.run_name is None and best.train.storage_path
+    assert main(["train", "-c", str(path), "train.max_steps=10"]) == 0
+    assert "export:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("tune.search_space={train.lrr: {loguniform: [1e-4, 1e-3]}}", "train.lrr"),
+    ("tune.search_space={train.lr: {loguniform: [1e-3, 1e-4]}}", "empty range"),
+    ("tune.search_space={train.lr: {uniform: [1e-3, 1e-3]}}", "empty range"),
+    ("tune.search_space={train.lr: {lognormal: [1e-4, 1e-3]}}", "unknown distribution 'lognormal'"),
+    ("tune.search_space={train.lr: {choice: []}}", "non-empty list"),
+    ("tune.search_space={data.seq_len: {choice: [32, 64]}}", "only train.* and model.*"),
+    ("tune.search_space={train.lr: {uniform: [1e-5, 1e-3]}}", "min_lr"),  # low end below train.min_lr
+    ("tune.metric=accuracy", "'accuracy' is never reported"),
+])
+def test_bad_input_fails_before_any_trial(shards, s3, override, message):
+    from bigray.tune import tune
+
+    space = override if override.startswith("tune.search_space") else "tune.search_space={train.lr: {loguniform: [1e-4, 1e-3]}}"
+    cfg = sweep_cfg(shards, s3, "bad", "train.min_lr=1e-4", override, space=space)
+    with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
+        tune(cfg)
+    assert not storage.exists(s3.uri("sweeps", "bad"))
+
+
+def test_interrupted_sweep_resumes_unfinished_trials_only(shards, s3, ray_cluster):
+    """Kill a real `bigray tune` driver once two trials are done and a third has a checkpoint; --resume finishes the rest."""
+    from bigray.tune import tune
+
+    address = ray_cluster.get_runtime_context().gcs_address
+    args = [f"data.output={shards}", f"tune.storage_path={s3.uri('sweeps')}", "tune.name=resume", *TRIAL, "tune.num_samples=1",
+            "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-3, 3.0e-4]}}",
+            "tune.max_concurrent=2", "tune.scheduler=fifo", f"ray.address={address}"]
+    proc = subprocess.Popen([sys.executable, "-m", "bigray", "tune", *args], env=os.environ | {"PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = s3.uri("sweeps", "resume", "runs")
+
+    def steps_done() -> dict[str, int]:
+        import json
+
+        found = {}
+        for uri in storage.expand(runs) if storage.exists(runs) else []:
+            if uri.endswith("/bigray.json"):
+                run = uri.split("/runs/")[1].split("/")[0]
+                found[run] = max(found.get(run, 0), json.loads(storage.read_bytes(uri))["step"])
+        return found
+
+    deadline = time.time() + 900
+    while time.time() < deadline and proc.poll() is None:
+        done = steps_done()
+        if sum(step == 30 for step in done.values()) >= 2 and len(done) >= 3:
+            break
+        time.sleep(1)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]
+    before = steps_done()
+    time.sleep(5)  # the driver's state sync after the checkpoint (forced: tune num_to_keep = train.keep_checkpoints = 1)
+    proc.send_signal(signal.SIGKILL)  # a lost driver: its trials die with it
+    proc.communicate(timeout=60)
+    finished_before = {run for run, step in before.items() if step == 30}
+    assert not leftovers(ray_cluster), "an interrupted sweep leaves no Train workers or placement groups behind"
+
+    out = tune(load_config(overrides=args), resume=True)
+    assert len(out["trials"]) == 3 and all(t["status"] == "TERMINATED" and t["step"] == 30 for t in out["trials"])
+    after = steps_done()
+    assert {run: after[run] for run in finished_before} == {run: 30 for run in finished_before}
+    assert not {run.split("-from-")[0] for run in set(after) - set(before)} & finished_before, "finished trials are not run again"
+    unfinished = {run.split("-from-")[0] for run in before if run not in finished_before}
+    assert unfinished and all(max(step for run, step in after.items() if run.startswith(u)) == 30 for u in unfinished)
+
+
+@pytest.mark.slow
+def test_pbt_exploits_checkpoints(shards, s3, ray_cluster):
+    from bigray.tune import tune
+
+    cfg = sweep_cfg(shards, s3, "pbt", "tune.scheduler=pbt", "tune.perturbation_interval=10", "tune.seed=0",
+                    "tune.search_space={train.lr: {choice: [3.0e-3, 1.0e-6]}}", "tune.num_samples=4", "tune.quantile_fraction=0.5")
+    out = tune(cfg)
+    runs = {uri.split("/runs/")[1].split("/")[0] for uri in storage.expand(storage.join(out["sweep_dir"], "runs"))}
+    assert any("-from-" in run for run in runs), "PBT restarted a trial from another trial's checkpoint"
+    assert all(t["step"] == 30 for t in out["trials"])
+
+
+@pytest.mark.slow
+def test_optuna_searcher(shards, s3, ray_cluster):
+    pytest.importorskip("optuna")
+    from bigray.tune import tune
+
+    cfg = sweep_cfg(shards, s3, "optuna", "tune.searcher=optuna", "tune.seed=0", "tune.scheduler=fifo", "tune.num_samples=3",
+                    "tune.search_space={train.lr: {loguniform: [1e-4, 3e-3]}, train.warmup_steps: {randint: [1, 5]}}")
+    out = tune(cfg)
+    assert len(out["trials"]) == 3
+    assert all(1e-4 <= t["params"]["train.lr"] <= 3e-3 and 1 <= t["params"]["train.warmup_steps"] < 5 for t in out["trials"])
