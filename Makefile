@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(BIN)/bigray prepare -c configs/demo.yaml
+	$(BIN)/bigray demo
 
 test: $(VENV)/.installed
 	$(BIN)/pytest -q

@@ -49,6 +49,65 @@ def _export(cfg: Config, args) -> None:
           f"probe logits max |diff| {out['probe_max_abs_diff']:.2e})")
 
 
+def _tune(cfg: Config, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bigray.tune import tune
+
+    out = tune(cfg, resume=args.resume)
+    metric = cfg.tune.metric
+    table = Table(title=f"bigray tune -> {out['sweep_dir']} ({cfg.tune.scheduler}, {len(out['trials'])} trials, {out['wall_s']:.0f} s)",
+                  title_justify="left")
+    keys = list(cfg.tune.search_space)
+    for col in ["trial", *keys, metric, "step", "status"]:
+        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+    for t in out["trials"]:  # already sorted by the metric, best first
+        status = "stopped early" if t["stopped_early"] else t["status"].lower()
+        table.add_row(t["trial_id"], *(f"{t['params'].get(k):.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k)) for k in keys),
+                      f"{t['metric']:.4f}", str(t["step"]), status, style="bold green" if t["trial_id"] == out["best_trial"] else None)
+    console = Console(soft_wrap=True, highlight=False)
+    console.print(table)
+    print(f"results: {out['results_csv']}")
+    print(f"plot:    {out['plot']}")
+    print(f"best:    {out['best_yaml']} (trial {out['best_trial']}, {metric} {out['best_metric']:.4f}; run it with bigray train -c {out['best_yaml']})")
+    print(f"export:  {out['best_export']} (step {out['export']['step']})")
+    print(f"bigray serve serve.model={out['best_export']}")
+
+
+def _serve(cfg: Config, args) -> None:
+    import signal
+    import threading
+
+    import ray
+
+    from bigray.serve import start, stop
+    from bigray.serve.app import model_name
+
+    was_connected = ray.is_initialized()
+    done = threading.Event()
+    try:
+        url = start(cfg)
+        # SIGTERM (docker stop, a job's kill) gets the same clean shutdown as Ctrl-C.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: done.set())
+        print(f"serving {model_name(cfg.serve)!r} ({cfg.serve.engine} engine) at {url}/v1  (health: {url}/health); Ctrl-C to stop", flush=True)
+        while not done.wait(1.0):
+            pass
+    finally:
+        if ray.is_initialized():
+            print("bigray serve: shutting down", file=sys.stderr, flush=True)
+            stop()
+            if not was_connected:
+                ray.shutdown()
+
+
+def _demo(cfg: Config, args) -> None:
+    from bigray.demo import demo
+
+    demo(cfg, address=args.address, bucket=args.bucket, out=args.out)
+
+
 def print_prepare_summary(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -92,11 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("prepare", parents=[common], help="read, clean, tokenize, pack and write shards with Ray Data").set_defaults(func=_prepare)
     sub.add_parser("train", parents=[common], help="DeepSpeed ZeRO on Ray Train over prepared shards").set_defaults(func=_train)
+    sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP API for serve.model on Ray Serve, until Ctrl-C").set_defaults(func=_serve)
+    tune = sub.add_parser("tune", parents=[common], help="Ray Tune sweep (ASHA, FIFO or PBT) over bigray train trials")
+    tune.add_argument("--resume", action="store_true", help="finish the interrupted sweep tune.storage_path/tune.name (Tuner.restore)")
+    tune.set_defaults(func=_tune)
     exp = sub.add_parser("export", parents=[common], help="consolidate a ZeRO checkpoint into a Hugging Face model dir")
     exp.add_argument("run_dir", help="a run dir (train.storage_path/run_name), local or s3://")
     exp.add_argument("out_dir", help="where to write the HF model dir")
     exp.add_argument("--checkpoint", help="a specific checkpoint dir (default: the latest step)")
     exp.set_defaults(func=_export)
+    from bigray.demo import DEFAULT_CONFIG
+
+    demo = sub.add_parser("demo", parents=[common], help="the whole flow on the embedded default: prepare, train, tune, serve, ask")
+    demo.add_argument("--address", help="a running Ray cluster (auto, ray://host:10001); default: a local one on 127.0.0.1")
+    demo.add_argument("--bucket", help="s3://bucket/prefix for every artifact; default: a local S3 server, copied to --out at the end")
+    demo.add_argument("--out", help="local dir for the copy of the local bucket (default: a new temp dir)")
+    # configs/demo.yaml first, then the user's -c files and overrides on top.
+    demo.set_defaults(func=_demo, base_config=[DEFAULT_CONFIG])
     return parser
 
 
@@ -118,7 +189,7 @@ def user_error(exc: BaseException) -> BigrayError | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(getattr(args, "base_config", []) + args.config, args.overrides)
         args.func(cfg, args)
         return 0
     except KeyboardInterrupt:

@@ -195,6 +195,8 @@ class Trial(Trainable):
     def load_checkpoint(self, checkpoint_dir: str):
         with open(os.path.join(checkpoint_dir, POINTER)) as f:
             pointer = json.load(f)
+        if pointer is None:  # Tune saved the trial before its Train run wrote any checkpoint: start afresh
+            return
         self.resume_from, self.resume_step = pointer["checkpoint"], pointer["step"]
         self.last_checkpoint = pointer
 
@@ -394,6 +396,9 @@ def summarise(cfg: Config, grid, statuses: list[str], sweep_dir: str, wall_s: fl
 
     with best["checkpoint"].as_directory() as d, open(os.path.join(d, POINTER)) as f:
         pointer = json.load(f)
+    if pointer is None:
+        raise BigrayError(f"best trial {best['trial_id']} of {sweep_dir} stopped before its first Train checkpoint; "
+                          "set train.checkpoint_every <= tune.grace_period")
     export_dir = storage.join(sweep_dir, "best", "export")
     exported = export(best["run_dir"], export_dir, checkpoint=pointer["checkpoint"], storage_cfg=cfg.storage)
 
