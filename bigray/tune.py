@@ -213,7 +213,9 @@ class Trial(Trainable):
         # A fresh Train run when starting from a checkpoint: Ray Train would otherwise resume the old run's own latest one.
         self.cfg.train.run_name = f"{self.trial_id}-from-{self.resume_step}" if self.resume_from else self.trial_id
         self.plan = plan(self.cfg)
-        self.queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+        # Unbounded: ForwardToTune runs on the controller's event loop, so a put that waited for room
+        # would stall the controller, and with it the abort that stopping this trial sends.
+        self.queue = Queue(actor_options={"num_cpus": 0})
         train = trainer(self.cfg, self.plan, resume_from=self.resume_from, callbacks=[ForwardToTune(self.queue)])
 
         def fit():
@@ -257,23 +259,15 @@ class Trial(Trainable):
 
     def cleanup(self):
         import ray
-        from ray.util.queue import Empty
 
         if self.thread is None:
             return
         self.thread.join(timeout=10)  # a finished run is just returning from fit()
         if not self.thread.is_alive() or self.controller is None:
             return
-        # The controller may sit in ForwardToTune.queue.put (nobody reads the queue any more), which
-        # blocks its event loop and so the abort: keep draining until the abort has gone through.
-        aborted = self.controller.abort.remote()
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not ray.wait([aborted], timeout=0.5)[0]:
-            try:
-                while True:
-                    self.queue.get_nowait()
-            except Empty:
-                pass
+        # Stopped early (ASHA, PBT, Ctrl-C): the controller stops its workers and placement group, then exits.
+        if not ray.wait([self.controller.abort.remote()], timeout=120)[0]:
+            ray.kill(self.controller)  # its workers go with it; Train's placement group cleaner removes the group
         self.thread.join(timeout=30)
 
 
