@@ -112,6 +112,9 @@ def test_bad_input_fails_before_any_trial(shards, s3, override, message):
     assert not storage.exists(s3.uri("sweeps", "bad"))
 
 
+@pytest.mark.slow
+@pytest.mark.xfail(reason="known bug (issue 5 stays open): the FIFO sweep this test starts in a subprocess can stall with its "
+                          "trial actors idle and no Train run, until the test's 15-minute deadline", strict=False)
 def test_interrupted_sweep_resumes_unfinished_trials_only(shards, s3, ray_cluster):
     """Kill a real `bigray tune` driver once two trials are done and a third has a checkpoint; --resume finishes the rest."""
     from bigray.tune import tune
