@@ -12,7 +12,6 @@ import json
 import math
 import os
 import posixpath
-import tempfile
 import threading
 import time
 
@@ -418,6 +417,8 @@ def plot_trials(trials: list[dict], metric: str, out_uri: str, storage_cfg=None)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bigray.train.metrics import write_figure
+
     fig, ax = plt.subplots(figsize=(8, 5))
     for t in trials:
         points = [(s, v) for s, v in t["curve"] if not (math.isnan(s) or math.isnan(v))]
@@ -427,10 +428,4 @@ def plot_trials(trials: list[dict], metric: str, out_uri: str, storage_cfg=None)
             ax.plot(*zip(*points), "o-", markersize=3, label=label)
     ax.set(title=metric, xlabel="step")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "plot.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        with open(path, "rb") as f:
-            storage.write_bytes(out_uri, f.read(), storage_cfg)
+    write_figure(fig, out_uri, storage_cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 
 from bigray import storage
@@ -91,10 +90,17 @@ def plot(records: list[dict], out_uri: str, storage_cfg=None) -> None:
     axes[1].set(title="learning rate", xlabel="step")
     axes[2].plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
     axes[2].set(title="tokens/s (global)", xlabel="step")
+    write_figure(fig, out_uri, storage_cfg)
+
+
+def write_figure(fig, out_uri: str, storage_cfg=None) -> None:
+    """Save a matplotlib figure as PNG to a local path or s3:// URI, and close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "loss.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        with open(path, "rb") as f:
-            storage.write_bytes(out_uri, f.read(), storage_cfg)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    storage.write_bytes(out_uri, buf.getvalue(), storage_cfg)
