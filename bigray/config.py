@@ -173,7 +173,8 @@ def _merge(base: dict, update: dict, origin: dict[str, str], source: str, prefix
     """Deep-merge `update` into `base`, recording which source set each leaf."""
     for key, value in update.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
+        # A search-space entry is one distribution: a later source replaces it instead of adding a second.
+        if isinstance(value, dict) and isinstance(base.get(key), dict) and prefix != "tune.search_space.":
             _merge(base[key], value, origin, source, dotted + ".")
         else:
             base[key] = value

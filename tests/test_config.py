@@ -27,6 +27,13 @@ def test_files_layer_and_overrides_win(tmp_path):
     assert cfg.train.deepspeed == {"zero_optimization": {"stage": 3}}
 
 
+def test_search_space_entry_is_replaced_not_merged(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text("tune:\n  search_space:\n    train.lr: {grid: [1.0e-3, 3.0e-4]}\n    train.warmup_steps: {choice: [2, 10]}\n")
+    cfg = load_config([f], ["tune.search_space={train.lr: {loguniform: [1.0e-4, 3.0e-3]}}"])
+    assert cfg.tune.search_space == {"train.lr": {"loguniform": [1e-4, 3e-3]}, "train.warmup_steps": {"choice": [2, 10]}}
+
+
 def test_show_round_trips(tmp_path):
     cfg = load_config(overrides=["data.seq_len=64", "serve.autoscaling={max_replicas: 4}"])
     path = tmp_path / "resolved.yaml"
