@@ -187,7 +187,7 @@ class Trial(Trainable):
     def setup(self, config: dict, base: dict):
         self.cfg = with_params(Config.model_validate(base), config)
         self.resume_from, self.resume_step = None, 0
-        self.thread = self.controller = self.last_checkpoint = None
+        self.thread = self.controller = self.last_checkpoint = self.last_result = None
         self.new_checkpoint = False
         self.outcome: dict = {}
 
@@ -198,24 +198,38 @@ class Trial(Trainable):
             return
         self.resume_from, self.resume_step = pointer["checkpoint"], pointer["step"]
         self.last_checkpoint = pointer
+        self.last_result = pointer.get("result")
 
     def save_checkpoint(self, checkpoint_dir: str):
-        # Only a pointer: the Train checkpoint itself is already in storage.
+        # Only a pointer: the Train checkpoint itself is already in storage. With it the result it
+        # came with, which a trial restored at its last step returns instead of training again.
         with open(os.path.join(checkpoint_dir, POINTER), "w") as f:
-            json.dump(self.last_checkpoint, f)
+            json.dump(self.last_checkpoint and {**self.last_checkpoint, "result": self.last_result}, f)
 
     def _start(self):
+        from ray.train import CheckpointConfig
         from ray.util.queue import Queue
 
         from bigray.train.trainer import plan, trainer
 
-        # A fresh Train run when starting from a checkpoint: Ray Train would otherwise resume the old run's own latest one.
-        self.cfg.train.run_name = f"{self.trial_id}-from-{self.resume_step}" if self.resume_from else self.trial_id
+        # Every start of a trial is a fresh Train run, from Tune's checkpoint of the trial if it has
+        # one: reusing a run name would make Ray Train continue that run from its own latest
+        # checkpoint, which can be past what Tune knows (a sweep whose driver died while trials ran).
+        name = f"{self.trial_id}-from-{self.resume_step}" if self.resume_from else self.trial_id
+        if storage.exists(storage.join(self.cfg.train.storage_path, name), self.cfg.storage):
+            name += time.strftime("-%Y%m%d-%H%M%S")
+        self.cfg.train.run_name = name
         self.plan = plan(self.cfg)
         # Unbounded: ForwardToTune runs on the controller's event loop, so a put that waited for room
         # would stall the controller, and with it the abort that stopping this trial sends.
         self.queue = Queue(actor_options={"num_cpus": 0})
-        train = trainer(self.cfg, self.plan, resume_from=self.resume_from, callbacks=[ForwardToTune(self.queue)])
+        # Tune's pointers must outlive Ray Train's own checkpoint rotation. PBT may exploit any
+        # checkpoint a trial reported, long after that trial moved on: keep them all. Otherwise Tune
+        # snapshots its state once a trial has checkpointed num_to_keep times since the last
+        # snapshot; one more kept covers the pointer in the snapshot still in storage until then.
+        keep = None if self.cfg.tune.scheduler == "pbt" else self.cfg.train.keep_checkpoints + 1
+        train = trainer(self.cfg, self.plan, resume_from=self.resume_from, callbacks=[ForwardToTune(self.queue)],
+                        checkpoint_config=CheckpointConfig(num_to_keep=keep))
 
         def fit():
             try:
@@ -230,6 +244,9 @@ class Trial(Trainable):
         from ray.util.queue import Empty
 
         if self.thread is None:
+            if self.resume_step >= self.cfg.train.max_steps and self.last_result:
+                # Restored from its final checkpoint (the sweep stopped before Tune marked it done): nothing left to train.
+                return {**self.last_result, "done": True, "should_checkpoint": False}
             self._start()
         while True:
             try:
@@ -252,7 +269,9 @@ class Trial(Trainable):
                 # Tune wants its metric in every result, and val_loss comes only every train.eval_every
                 # steps: a log-only report waits, its checkpoint (if any) goes out with the next result.
                 continue
-            metrics |= {"run_dir": self.plan["run_dir"], "done": done, "should_checkpoint": self.new_checkpoint}
+            metrics |= {"run_dir": self.plan["run_dir"], "done": done}
+            self.last_result = metrics
+            metrics = {**metrics, "should_checkpoint": self.new_checkpoint}
             self.new_checkpoint = False
             return metrics
 
@@ -326,7 +345,9 @@ def tune(cfg: Config, resume: bool = False) -> dict:
                                          trial_dirname_creator=_trial_dirname),
             run_config=rtune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=Verbosity.V1_EXPERIMENT,
                                        failure_config=rtune.FailureConfig(max_failures=cfg.tune.max_failures),
-                                       checkpoint_config=rtune.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                                       # Pointers are tiny; PBT may exploit any of them, so it keeps them all (see Trial._start).
+                                       checkpoint_config=rtune.CheckpointConfig(
+                                           num_to_keep=None if cfg.tune.scheduler == "pbt" else cfg.train.keep_checkpoints),
                                        # The sweep's state reaches storage within 30 s, so a lost driver loses little.
                                        sync_config=rtune.SyncConfig(sync_period=30)),
         )

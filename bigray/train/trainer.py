@@ -46,10 +46,12 @@ def _probe(root: str, manifest: dict, storage_cfg) -> list[int]:
     return first[:PROBE_TOKENS]
 
 
-def trainer(cfg: Config, p: dict, name: str | None = None, resume_from: str | None = None, callbacks: list | None = None):
+def trainer(cfg: Config, p: dict, name: str | None = None, resume_from: str | None = None, callbacks: list | None = None,
+            checkpoint_config=None):
     """The TorchTrainer for this config (also what `bigray tune` runs in each trial).
 
     `resume_from`: a checkpoint URI (another run's, e.g. a PBT exploit) to start from when this run has none of its own.
+    `checkpoint_config`: a ray.train.CheckpointConfig instead of one keeping train.keep_checkpoints.
     """
     import ray.train
     from ray.data import ExecutionOptions
@@ -74,7 +76,7 @@ def trainer(cfg: Config, p: dict, name: str | None = None, resume_from: str | No
         run_config=ray.train.RunConfig(
             name=name or p["run_name"], storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks,
         ),
         datasets=datasets,
