@@ -112,6 +112,29 @@ def test_bad_input_fails_before_any_trial(shards, s3, override, message):
     assert not storage.exists(s3.uri("sweeps", "bad"))
 
 
+def test_trial_restored_at_its_final_checkpoint_reports_without_training(shards, s3, ray_cluster, tmp_path):
+    """A sweep stopped after a trial's last checkpoint but before Tune marked it done: no Train run again."""
+    import json
+
+    from ray import tune as rtune
+
+    from bigray.tune import POINTER, Trial, _absolute
+
+    cfg = _absolute(sweep_cfg(shards, s3, "restored"))
+    cfg.train.storage_path = s3.uri("sweeps", "restored", "runs")
+    trial = rtune.with_parameters(Trial, base=cfg.model_dump(mode="json"))(config={"train.lr": 1e-3})
+    result = {"step": 30, "val_loss": 5.25, "run_dir": s3.uri("sweeps", "restored", "runs", "t0"), "done": True}
+    (tmp_path / POINTER).write_text(json.dumps({"checkpoint": s3.uri("sweeps", "restored", "runs", "t0", "checkpoint_x"), "step": 30,
+                                                "result": result}))
+    trial.load_checkpoint(str(tmp_path))
+    out = trial.step()
+    assert out["val_loss"] == 5.25 and out["done"] and not out["should_checkpoint"]
+    assert trial.thread is None, "no Train run started"
+    trial.save_checkpoint(str(tmp_path))  # Tune saves it again: the pointer and its result survive
+    assert json.loads((tmp_path / POINTER).read_text())["result"]["val_loss"] == 5.25
+    trial.stop()
+
+
 @pytest.mark.slow
 def test_interrupted_sweep_resumes_unfinished_trials_only(shards, s3, ray_cluster, tmp_path):
     """Kill a real `bigray tune` driver once two trials are done and a third has a checkpoint; --resume finishes the rest."""
