@@ -187,7 +187,7 @@ class Trial(Trainable):
     def setup(self, config: dict, base: dict):
         self.cfg = with_params(Config.model_validate(base), config)
         self.resume_from, self.resume_step = None, 0
-        self.thread = self.controller = self.last_checkpoint = self.last_result = None
+        self.thread = self.controller = self.last_checkpoint = None
         self.new_checkpoint = False
         self.outcome: dict = {}
 
@@ -198,13 +198,11 @@ class Trial(Trainable):
             return
         self.resume_from, self.resume_step = pointer["checkpoint"], pointer["step"]
         self.last_checkpoint = pointer
-        self.last_result = pointer.get("result")
 
     def save_checkpoint(self, checkpoint_dir: str):
-        # Only a pointer: the Train checkpoint itself is already in storage. With it the result it
-        # came with, which a trial restored at its last step returns instead of training again.
+        # Only a pointer (and the result it came with): the Train checkpoint itself is already in storage.
         with open(os.path.join(checkpoint_dir, POINTER), "w") as f:
-            json.dump(self.last_checkpoint and {**self.last_checkpoint, "result": self.last_result}, f)
+            json.dump(self.last_checkpoint, f)
 
     def _start(self):
         from ray.train import CheckpointConfig
@@ -223,11 +221,10 @@ class Trial(Trainable):
         # Unbounded: ForwardToTune runs on the controller's event loop, so a put that waited for room
         # would stall the controller, and with it the abort that stopping this trial sends.
         self.queue = Queue(actor_options={"num_cpus": 0})
-        # Tune's pointers must outlive Ray Train's own checkpoint rotation. PBT may exploit any
-        # checkpoint a trial reported, long after that trial moved on: keep them all. Otherwise Tune
-        # snapshots its state once a trial has checkpointed num_to_keep times since the last
-        # snapshot; one more kept covers the pointer in the snapshot still in storage until then.
-        keep = None if self.cfg.tune.scheduler == "pbt" else self.cfg.train.keep_checkpoints + 1
+        # Tune's pointers must outlive Ray Train's own checkpoint rotation: Tune snapshots its state
+        # once a trial has checkpointed num_to_keep times since the last snapshot, so one more kept
+        # covers the pointer in the snapshot still in storage until the next one.
+        keep = None if (tune_keep := pointers_kept(self.cfg)) is None else tune_keep + 1
         train = trainer(self.cfg, self.plan, resume_from=self.resume_from, callbacks=[ForwardToTune(self.queue)],
                         checkpoint_config=CheckpointConfig(num_to_keep=keep))
 
@@ -244,9 +241,9 @@ class Trial(Trainable):
         from ray.util.queue import Empty
 
         if self.thread is None:
-            if self.resume_step >= self.cfg.train.max_steps and self.last_result:
+            if self.resume_step >= self.cfg.train.max_steps and self.last_checkpoint.get("result"):
                 # Restored from its final checkpoint (the sweep stopped before Tune marked it done): nothing left to train.
-                return {**self.last_result, "done": True, "should_checkpoint": False}
+                return {**self.last_checkpoint["result"], "done": True, "should_checkpoint": False}
             self._start()
         while True:
             try:
@@ -270,7 +267,8 @@ class Trial(Trainable):
                 # steps: a log-only report waits, its checkpoint (if any) goes out with the next result.
                 continue
             metrics |= {"run_dir": self.plan["run_dir"], "done": done}
-            self.last_result = metrics
+            if self.new_checkpoint:  # a trial restored from this pointer at its last step returns this result again
+                self.last_checkpoint["result"] = metrics
             metrics = {**metrics, "should_checkpoint": self.new_checkpoint}
             self.new_checkpoint = False
             return metrics
@@ -287,6 +285,14 @@ class Trial(Trainable):
         if not ray.wait([self.controller.abort.remote()], timeout=120)[0]:
             ray.kill(self.controller)  # its workers go with it; Train's placement group cleaner removes the group
         self.thread.join(timeout=30)
+
+
+def pointers_kept(cfg: Config) -> int | None:
+    """Tune's num_to_keep for the trials' checkpoint pointers (Trial._start keeps Train checkpoints to match).
+
+    PBT may exploit any checkpoint a trial reported, long after that trial moved on: it keeps them all.
+    """
+    return None if cfg.tune.scheduler == "pbt" else cfg.train.keep_checkpoints
 
 
 def _absolute(cfg: Config) -> Config:
@@ -345,9 +351,7 @@ def tune(cfg: Config, resume: bool = False) -> dict:
                                          trial_dirname_creator=_trial_dirname),
             run_config=rtune.RunConfig(name=name, storage_path=path, storage_filesystem=fs, verbose=Verbosity.V1_EXPERIMENT,
                                        failure_config=rtune.FailureConfig(max_failures=cfg.tune.max_failures),
-                                       # Pointers are tiny; PBT may exploit any of them, so it keeps them all (see Trial._start).
-                                       checkpoint_config=rtune.CheckpointConfig(
-                                           num_to_keep=None if cfg.tune.scheduler == "pbt" else cfg.train.keep_checkpoints),
+                                       checkpoint_config=rtune.CheckpointConfig(num_to_keep=pointers_kept(cfg)),
                                        # The sweep's state reaches storage within 30 s, so a lost driver loses little.
                                        sync_config=rtune.SyncConfig(sync_period=30)),
         )

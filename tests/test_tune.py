@@ -193,7 +193,9 @@ def test_interrupted_sweep_resumes_unfinished_trials_only(shards, s3, ray_cluste
 def test_pbt_exploits_checkpoints(shards, s3, ray_cluster):
     from bigray.tune import tune
 
-    cfg = sweep_cfg(shards, s3, "pbt", "tune.scheduler=pbt", "tune.perturbation_interval=10", "tune.seed=0",
+    # Perturb every 5 steps: async PBT clones only a top trial that was itself in the top quantile at
+    # an earlier perturbation, so with two chances per trial the exploit could miss (seen once in 4 runs).
+    cfg = sweep_cfg(shards, s3, "pbt", "tune.scheduler=pbt", "train.checkpoint_every=5", "tune.perturbation_interval=5", "tune.seed=0",
                     "tune.search_space={train.lr: {choice: [3.0e-3, 1.0e-6]}}", "tune.num_samples=4", "tune.quantile_fraction=0.5")
     out = tune(cfg)
     runs = {uri.split("/runs/")[1].split("/")[0] for uri in storage.expand(storage.join(out["sweep_dir"], "runs"))}
