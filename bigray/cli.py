@@ -23,56 +23,33 @@ def _tokenizer_train(cfg: Config, args) -> None:
 
 
 def _prepare(cfg: Config, args) -> None:
+    from bigray import display
     from bigray.data import prepare
 
-    print_prepare_summary(prepare(cfg))
+    display.prepare_summary(prepare(cfg))
 
 
 def _train(cfg: Config, args) -> None:
+    from bigray import display
     from bigray.train.trainer import train
 
-    out = train(cfg)
-    first, last = out["first"], out["metrics"]
-    print(f"run: {out['run_dir']}")
-    print(f"steps {last.get('step')}: loss {first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}"
-          + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
-          + f", {last.get('tokens_per_s', 0):,.0f} tokens/s, {out['wall_s']:.0f} s")
-    if out["export"]:
-        print(f"export: {out['export']['out_dir']} (step {out['export']['step']}, probe logits max |diff| {out['export']['probe_max_abs_diff']:.2e})")
+    display.train_summary(train(cfg))
 
 
 def _export(cfg: Config, args) -> None:
+    from bigray import display
     from bigray.train.export import export
 
-    out = export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, storage_cfg=cfg.storage)
-    print(f"export: {out['out_dir']} from {out['checkpoint']} (step {out['step']}, {out['dtype']}, "
-          f"probe logits max |diff| {out['probe_max_abs_diff']:.2e})")
+    display.export_line(export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, storage_cfg=cfg.storage))
 
 
 def _tune(cfg: Config, args) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+    from bigray import display
     from bigray.tune import tune
 
     out = tune(cfg, resume=args.resume)
-    metric = cfg.tune.metric
-    table = Table(title=f"bigray tune -> {out['sweep_dir']} ({cfg.tune.scheduler}, {len(out['trials'])} trials, {out['wall_s']:.0f} s)",
-                  title_justify="left")
-    keys = list(cfg.tune.search_space)
-    for col in ["trial", *keys, metric, "step", "status"]:
-        table.add_column(col, justify="left" if col in ("trial", "status") else "right")
-    for t in out["trials"]:  # already sorted by the metric, best first
-        status = "stopped early" if t["stopped_early"] else t["status"].lower()
-        table.add_row(t["trial_id"], *(f"{t['params'].get(k):.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k)) for k in keys),
-                      f"{t['metric']:.4f}", str(t["step"]), status, style="bold green" if t["trial_id"] == out["best_trial"] else None)
-    console = Console(soft_wrap=True, highlight=False)
-    console.print(table)
-    print(f"results: {out['results_csv']}")
-    print(f"plot:    {out['plot']}")
-    print(f"best:    {out['best_yaml']} (trial {out['best_trial']}, {metric} {out['best_metric']:.4f}; run it with bigray train -c {out['best_yaml']})")
-    print(f"export:  {out['best_export']} (step {out['export']['step']})")
-    print(f"bigray serve serve.model={out['best_export']}")
+    display.tune_table(out, cfg.tune.metric, cfg.tune.scheduler, list(cfg.tune.search_space))
+    display.tune_summary(out, cfg.tune.metric)
 
 
 def _serve(cfg: Config, args) -> None:
@@ -106,32 +83,6 @@ def _demo(cfg: Config, args) -> None:
     from bigray.demo import demo
 
     demo(cfg, address=args.address, bucket=args.bucket, out=args.out)
-
-
-def print_prepare_summary(result: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    stats = result["stats"]
-    console = Console(soft_wrap=True, highlight=False)
-    docs = Table(title=f"bigray prepare -> {result['output']}", title_justify="left")
-    docs.add_column("documents")
-    docs.add_column("count", justify="right")
-    docs.add_column("first seen at", overflow="fold")
-    docs.add_row("read", f"{stats['docs_read']:,}", "")
-    docs.add_row("kept", f"{stats['docs_kept']:,}", "")
-    for reason, count in stats["dropped"].items():
-        docs.add_row(f"dropped: {reason}", f"{count:,}", stats["drop_examples"].get(reason, ""), style="yellow")
-    splits = Table()
-    for col in ("split", "rows", "tokens", "shards", "MB"):
-        splits.add_column(col, justify="left" if col == "split" else "right")
-    for name, split in result["splits"].items():
-        size = sum(s["bytes"] for s in split["shards"])
-        splits.add_row(name, f"{split['rows']:,}", f"{split['tokens']:,}", str(len(split["shards"])), f"{size / 1e6:,.1f}")
-    console.print(docs)
-    console.print(splits)
-    console.print(f"{stats['tokens_kept']:,} tokens in {result['wall_s']:.1f} s = {result['tokens_per_s']:,.0f} tokens/s "
-                  f"(seq_len {result['seq_len']}, tokenizer vocab {result['tokenizer']['vocab_size']})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -181,6 +181,29 @@ def _merge(base: dict, update: dict, origin: dict[str, str], source: str, prefix
             origin[dotted] = source
 
 
+def deep_merge(base: dict, update: dict) -> dict:
+    """A new dict: `update` merged into `base`, nested dicts merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_overrides(cfg: Config, params: dict[str, Any], source: str = "overrides") -> Config:
+    """`cfg` with dotted keys set (`{"train.lr": 1e-3}`), validated; errors name the key and `source`."""
+    raw = cfg.model_dump(mode="json")
+    origin: dict[str, str] = {}
+    for key, value in params.items():
+        nested = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge(raw, nested, origin, source)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {source}:\n  " + "\n  ".join(_describe(e, origin) for e in exc.errors())) from None
+
+
 def parse_override(item: str) -> dict:
     """`train.lr=3e-4` -> {"train": {"lr": 3e-4}}; the value is parsed as YAML."""
     key, sep, raw = item.partition("=")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import time
 import urllib.request
@@ -21,19 +20,14 @@ from contextlib import ExitStack
 from importlib import resources
 from pathlib import Path
 
-from bigray import storage
+from bigray import display, storage
 from bigray.config import Config
 from bigray.errors import ConfigError
+from bigray.runtime import free_port
 
 DEFAULT_CONFIG = str(resources.files("bigray") / "demo.yaml")
 COMPLETION_PROMPT = "def read_config(path):\n"
 CHAT_MESSAGE = "Write a function that returns the sum of a list."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _local_s3(stack: ExitStack) -> str:
@@ -48,7 +42,7 @@ def _local_s3(stack: ExitStack) -> str:
     import boto3
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     stack.callback(server.stop)
@@ -71,14 +65,8 @@ def _usage(response: dict) -> str:
     return f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens, {response['choices'][0]['finish_reason']}"
 
 
-def _sparkline(values: list[float]) -> str:
-    bars = "▁▂▃▄▅▆▇█"
-    lo, hi = min(values), max(values)
-    return "".join(bars[int((v - lo) / (hi - lo + 1e-12) * (len(bars) - 1))] for v in values)
-
-
 def _stage(name: str) -> float:
-    print(f"\n=== {name} ===", flush=True)
+    display.stage(name)
     return time.perf_counter()
 
 
@@ -86,7 +74,6 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
     """Run the whole flow; returns where everything went and what the model answered."""
     import ray
 
-    from bigray.cli import print_prepare_summary
     from bigray.data import prepare
     from bigray.runtime import init_ray
     from bigray.serve import start, stop
@@ -112,14 +99,14 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
             stack.callback(ray.shutdown)
 
         t = _stage(f"prepare: {', '.join(cfg.data.inputs)} -> {cfg.data.output}")
-        print_prepare_summary(prepare(cfg))
+        display.prepare_summary(prepare(cfg))
         timings["prepare"] = time.perf_counter() - t
 
         t = _stage(f"train: {cfg.model.preset} preset, ZeRO-{cfg.train.zero_stage}, {cfg.train.num_workers} workers, {cfg.train.max_steps} steps")
         run = train(cfg)
         records = [json.loads(line) for line in storage.read_bytes(storage.join(run["run_dir"], "metrics.jsonl")).decode().splitlines() if line]
         losses = [r["loss"] for r in records if "loss" in r]
-        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  {_sparkline(losses)}  (val_loss {run['metrics'].get('val_loss', float('nan')):.3f})")
+        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  {display.sparkline(losses)}  (val_loss {run['metrics'].get('val_loss', float('nan')):.3f})")
         timings["train"] = time.perf_counter() - t
 
         t = _stage(f"tune: {cfg.tune.scheduler} over {', '.join(cfg.tune.search_space)}")
@@ -142,7 +129,7 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
 
         t = _stage(f"serve: {best[1]}")
         cfg.serve.model = best[0]
-        cfg.serve.port = _free_port() if local else cfg.serve.port
+        cfg.serve.port = free_port() if local else cfg.serve.port
         url = start(cfg)
         stack.callback(stop)
         models = json.loads(urllib.request.urlopen(f"{url}/v1/models", timeout=30).read())["data"]

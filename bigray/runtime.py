@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 from bigray.config import RayConfig
 
@@ -37,3 +38,10 @@ def init_ray(cfg: RayConfig) -> None:
             import ray.data
 
             ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for local S3 / Serve / test servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

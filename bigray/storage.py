@@ -7,6 +7,7 @@ import glob as _glob
 import os
 import posixpath
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -117,3 +118,42 @@ def local_dir(uri: str, storage: StorageConfig | None = None) -> str:
     target = tempfile.mkdtemp(prefix="bigray-")
     copy_dir(uri, target, storage)
     return target
+
+
+@dataclass(frozen=True)
+class Store:
+    """Object-store access for one config's `storage` section: made once per command, passed inward.
+
+    Picklable (a frozen dataclass of strings), so it travels to Ray tasks, actors and Train workers.
+    Paths are plain strings: local paths, `file://` or `s3://` URIs; `join` and `is_remote` need no
+    store and stay module functions.
+    """
+
+    cfg: StorageConfig = field(default_factory=StorageConfig)
+
+    def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
+        return filesystem(uri, self.cfg)
+
+    def expand(self, pattern: str) -> list[str]:
+        return expand(pattern, self.cfg)
+
+    def read_bytes(self, uri: str) -> bytes:
+        return read_bytes(uri, self.cfg)
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        write_bytes(uri, data, self.cfg)
+
+    def read_text(self, uri: str) -> str:
+        return read_bytes(uri, self.cfg).decode()
+
+    def write_text(self, uri: str, text: str) -> None:
+        write_bytes(uri, text.encode(), self.cfg)
+
+    def exists(self, uri: str) -> bool:
+        return exists(uri, self.cfg)
+
+    def copy_dir(self, src: str, dst: str) -> None:
+        copy_dir(src, dst, self.cfg)
+
+    def local_dir(self, uri: str) -> str:
+        return local_dir(uri, self.cfg)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 from dataclasses import dataclass
 
 import pytest
+
+from bigray.runtime import free_port  # noqa: F401 - re-exported for tests
 
 # Nothing in the tests may reach beyond loopback: no Ray usage stats, no EC2 metadata lookups.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -35,12 +36,6 @@ class S3:
         return boto3.client("s3", endpoint_url=self.endpoint)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3():
     """A moto S3 server on 127.0.0.1 with one bucket for the session; AWS_* env points at it."""
@@ -48,7 +43,7 @@ def s3():
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per S3 request otherwise
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

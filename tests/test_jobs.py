@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from bigray import storage
-from tests.conftest import _free_port
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -50,7 +50,7 @@ def ray_head(num_cpus: int = 4, autoscaling_config: dict | None = None, env: dic
     With `autoscaling_config` (a fake_multinode cluster YAML as a dict) the head runs Ray's autoscaler,
     which adds and removes fake worker nodes on this machine.
     """
-    ports = {name: _free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
+    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
                                               "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
                                               "node-manager-port", "object-manager-port")}
     # Unix socket paths under the temp dir must stay short (108 bytes), hence not pytest's tmp_path.
