@@ -68,7 +68,10 @@ def _serve(cfg: Config, args) -> None:
         # SIGTERM (docker stop, a job's kill) gets the same clean shutdown as Ctrl-C.
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
-        print(f"serving {model_name(cfg.serve)!r} ({cfg.serve.engine} engine) at {url}/v1  (health: {url}/health); Ctrl-C to stop", flush=True)
+        print(
+            f"serving {model_name(cfg.serve)!r} ({cfg.serve.engine} engine) at {url}/v1  (health: {url}/health); Ctrl-C to stop",
+            flush=True,
+        )
         while not done.wait(1.0):
             pass
     finally:
@@ -87,24 +90,40 @@ def _demo(cfg: Config, args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-c", "--config", action="append", default=[], metavar="FILE", help="YAML config; repeat to layer (later wins)")
+    common.add_argument(
+        "-c", "--config", action="append", default=[], metavar="FILE", help="YAML config; repeat to layer (later wins)"
+    )
     common.add_argument("--debug", action="store_true", help="show Python tracebacks")
-    common.add_argument("overrides", nargs="*", metavar="section.key=value", help="dotted overrides, values parsed as YAML")
+    common.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="dotted overrides, values parsed as YAML"
+    )
 
     parser = argparse.ArgumentParser(prog="bigray", description="Prepare, train, tune and serve LLMs on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     config = sub.add_parser("config", help="inspect the resolved config").add_subparsers(dest="action", required=True)
-    config.add_parser("show", parents=[common], help="print the resolved, validated config as YAML").set_defaults(func=_config_show)
+    config.add_parser("show", parents=[common], help="print the resolved, validated config as YAML").set_defaults(
+        func=_config_show
+    )
 
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
-    tok.add_parser("train", parents=[common], help="train a byte-level BPE on data.inputs into data.tokenizer").set_defaults(func=_tokenizer_train)
+    tok.add_parser(
+        "train", parents=[common], help="train a byte-level BPE on data.inputs into data.tokenizer"
+    ).set_defaults(func=_tokenizer_train)
 
-    sub.add_parser("prepare", parents=[common], help="read, clean, tokenize, pack and write shards with Ray Data").set_defaults(func=_prepare)
-    sub.add_parser("train", parents=[common], help="DeepSpeed ZeRO on Ray Train over prepared shards").set_defaults(func=_train)
-    sub.add_parser("serve", parents=[common], help="OpenAI-compatible HTTP API for serve.model on Ray Serve, until Ctrl-C").set_defaults(func=_serve)
+    sub.add_parser(
+        "prepare", parents=[common], help="read, clean, tokenize, pack and write shards with Ray Data"
+    ).set_defaults(func=_prepare)
+    sub.add_parser("train", parents=[common], help="DeepSpeed ZeRO on Ray Train over prepared shards").set_defaults(
+        func=_train
+    )
+    sub.add_parser(
+        "serve", parents=[common], help="OpenAI-compatible HTTP API for serve.model on Ray Serve, until Ctrl-C"
+    ).set_defaults(func=_serve)
     tune = sub.add_parser("tune", parents=[common], help="Ray Tune sweep (ASHA, FIFO or PBT) over bigray train trials")
-    tune.add_argument("--resume", action="store_true", help="finish the interrupted sweep tune.storage_path/tune.name (Tuner.restore)")
+    tune.add_argument(
+        "--resume", action="store_true", help="finish the interrupted sweep tune.storage_path/tune.name (Tuner.restore)"
+    )
     tune.set_defaults(func=_tune)
     exp = sub.add_parser("export", parents=[common], help="consolidate a ZeRO checkpoint into a Hugging Face model dir")
     exp.add_argument("run_dir", help="a run dir (train.storage_path/run_name), local or s3://")
@@ -113,9 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=_export)
     from bigray.demo import DEFAULT_CONFIG
 
-    demo = sub.add_parser("demo", parents=[common], help="the whole flow on the embedded default: prepare, train, tune, serve, ask")
-    demo.add_argument("--address", help="a running Ray cluster (auto, ray://host:10001); default: a local one on 127.0.0.1")
-    demo.add_argument("--bucket", help="s3://bucket/prefix for every artifact; default: a local S3 server, copied to --out at the end")
+    demo = sub.add_parser(
+        "demo", parents=[common], help="the whole flow on the embedded default: prepare, train, tune, serve, ask"
+    )
+    demo.add_argument(
+        "--address", help="a running Ray cluster (auto, ray://host:10001); default: a local one on 127.0.0.1"
+    )
+    demo.add_argument(
+        "--bucket", help="s3://bucket/prefix for every artifact; default: a local S3 server, copied to --out at the end"
+    )
     demo.add_argument("--out", help="local dir for the copy of the local bucket (default: a new temp dir)")
     # configs/demo.yaml first, then the user's -c files and overrides on top.
     demo.set_defaults(func=_demo, base_config=[DEFAULT_CONFIG])

@@ -36,7 +36,9 @@ def _local_s3(stack: ExitStack) -> str:
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:
-        raise ConfigError("the local demo needs moto's S3 server: pip install 'bigray[demo]' (or pass --bucket s3://...)") from None
+        raise ConfigError(
+            "the local demo needs moto's S3 server: pip install 'bigray[demo]' (or pass --bucket s3://...)"
+        ) from None
     import logging
 
     import boto3
@@ -47,8 +49,13 @@ def _local_s3(stack: ExitStack) -> str:
     server.start()
     stack.callback(server.stop)
     endpoint = f"http://127.0.0.1:{port}"
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="demo", AWS_SECRET_ACCESS_KEY="demo",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true")
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="demo",
+        AWS_SECRET_ACCESS_KEY="demo",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bigray-demo")
     return "s3://bigray-demo"
 
@@ -81,7 +88,9 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
     from bigray.tune import tune
 
     if address and not bucket:
-        raise ConfigError("--address needs --bucket s3://...: a real cluster's workers cannot reach this machine's local S3 server")
+        raise ConfigError(
+            "--address needs --bucket s3://...: a real cluster's workers cannot reach this machine's local S3 server"
+        )
     started = time.perf_counter()
     timings: dict[str, float] = {}
     with ExitStack() as stack:
@@ -102,11 +111,19 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
         display.prepare_summary(prepare(cfg))
         timings["prepare"] = time.perf_counter() - t
 
-        t = _stage(f"train: {cfg.model.preset} preset, ZeRO-{cfg.train.zero_stage}, {cfg.train.num_workers} workers, {cfg.train.max_steps} steps")
+        t = _stage(
+            f"train: {cfg.model.preset} preset, ZeRO-{cfg.train.zero_stage}, {cfg.train.num_workers} workers, {cfg.train.max_steps} steps"
+        )
         run = train(cfg)
-        records = [json.loads(line) for line in storage.read_bytes(storage.join(run["run_dir"], "metrics.jsonl")).decode().splitlines() if line]
+        records = [
+            json.loads(line)
+            for line in storage.read_bytes(storage.join(run["run_dir"], "metrics.jsonl")).decode().splitlines()
+            if line
+        ]
         losses = [r["loss"] for r in records if "loss" in r]
-        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  {display.sparkline(losses)}  (val_loss {run['metrics'].get('val_loss', float('nan')):.3f})")
+        print(
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  {display.sparkline(losses)}  (val_loss {run['metrics'].get('val_loss', float('nan')):.3f})"
+        )
         timings["train"] = time.perf_counter() - t
 
         t = _stage(f"tune: {cfg.tune.scheduler} over {', '.join(cfg.tune.search_space)}")
@@ -119,13 +136,18 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
         sweep = tune(sweep_cfg)
         for trial in sorted(sweep["trials"], key=lambda tr: tr.get("metric", float("inf"))):
             stopped = " (stopped early by ASHA)" if trial.get("stopped_early") else ""
-            print(f"  {trial['trial_id']}: {trial['params']} -> {cfg.tune.metric} {trial.get('metric', float('nan')):.3f}{stopped}")
+            print(
+                f"  {trial['trial_id']}: {trial['params']} -> {cfg.tune.metric} {trial.get('metric', float('nan')):.3f}{stopped}"
+            )
         timings["tune"] = time.perf_counter() - t
 
         # Promote whichever model validates best: the full run or the sweep's best (shorter) trial.
         run_val = run["metrics"].get("val_loss", float("inf"))
-        best = (run["export"]["out_dir"], f"train run (val_loss {run_val:.3f})") if run_val <= sweep["best_metric"] else \
-            (sweep["best_export"], f"sweep trial {sweep['best_trial']} (val_loss {sweep['best_metric']:.3f})")
+        best = (
+            (run["export"]["out_dir"], f"train run (val_loss {run_val:.3f})")
+            if run_val <= sweep["best_metric"]
+            else (sweep["best_export"], f"sweep trial {sweep['best_trial']} (val_loss {sweep['best_metric']:.3f})")
+        )
 
         t = _stage(f"serve: {best[1]}")
         cfg.serve.model = best[0]
@@ -147,7 +169,12 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
         print(f"assistant: {json.dumps(chat['choices'][0]['message']['content'])}  ({_usage(chat)})")
         timings["serve"] = time.perf_counter() - t
 
-        written = {"shards": cfg.data.output, "run": run["run_dir"], "sweep": sweep["sweep_dir"], "served model": best[0]}
+        written = {
+            "shards": cfg.data.output,
+            "run": run["run_dir"],
+            "sweep": sweep["sweep_dir"],
+            "served model": best[0],
+        }
         if local:
             # The local S3 server forgets everything when it stops: keep a copy on disk.
             out = out or tempfile.mkdtemp(prefix="bigray-demo-")
@@ -158,6 +185,8 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
             print(f"  {key:13} {where}")
         if local:
             print(f"  (copied from the local S3 server's {root}; a real run keeps them in its bucket)")
-        print(f"\ntimings: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; total {time.perf_counter() - started:.0f} s")
+        print(
+            f"\ntimings: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; total {time.perf_counter() - started:.0f} s"
+        )
         print("shutting down Serve, Ray and the local S3 server", flush=True)
     return {"written": written, "completion": completion, "chat": chat, "timings": timings, "root": root}

@@ -39,46 +39,135 @@ def prepare_summary(result: dict) -> None:
         splits.add_column(col, justify="left" if col == "split" else "right")
     for name, split in result["splits"].items():
         size = sum(s["bytes"] for s in split["shards"])
-        splits.add_row(name, f"{split['rows']:,}", f"{split['tokens']:,}", str(len(split["shards"])), f"{size / 1e6:,.1f}")
+        splits.add_row(
+            name, f"{split['rows']:,}", f"{split['tokens']:,}", str(len(split["shards"])), f"{size / 1e6:,.1f}"
+        )
     out = console()
     out.print(docs)
     out.print(splits)
-    out.print(f"{stats['tokens_kept']:,} tokens in {result['wall_s']:.1f} s = {result['tokens_per_s']:,.0f} tokens/s "
-              f"(seq_len {result['seq_len']}, tokenizer vocab {result['tokenizer']['vocab_size']})")
+    out.print(
+        f"{stats['tokens_kept']:,} tokens in {result['wall_s']:.1f} s = {result['tokens_per_s']:,.0f} tokens/s "
+        f"(seq_len {result['seq_len']}, tokenizer vocab {result['tokenizer']['vocab_size']})"
+    )
 
 
 def train_summary(out: dict) -> None:
     first, last = out["first"], out["metrics"]
     print(f"run: {out['run_dir']}")
-    print(f"steps {last.get('step')}: loss {first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}"
-          + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
-          + f", {last.get('tokens_per_s', 0):,.0f} tokens/s, {out['wall_s']:.0f} s")
+    print(
+        f"steps {last.get('step')}: loss {first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}"
+        + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
+        + f", {last.get('tokens_per_s', 0):,.0f} tokens/s, {out['wall_s']:.0f} s"
+    )
     if out["export"]:
         export_line(out["export"])
 
 
 def export_line(exp: dict) -> None:
     source = f" from {exp['checkpoint']}" if exp.get("checkpoint") else ""
-    print(f"export: {exp['out_dir']}{source} (step {exp['step']}, probe logits max |diff| {exp['probe_max_abs_diff']:.2e})")
+    print(
+        f"export: {exp['out_dir']}{source} (step {exp['step']}, probe logits max |diff| {exp['probe_max_abs_diff']:.2e})"
+    )
 
 
 def tune_table(out: dict, metric: str, scheduler: str, keys: list[str]) -> None:
-    table = Table(title=f"bigray tune -> {out['sweep_dir']} ({scheduler}, {len(out['trials'])} trials, {out['wall_s']:.0f} s)",
-                  title_justify="left")
+    table = Table(
+        title=f"bigray tune -> {out['sweep_dir']} ({scheduler}, {len(out['trials'])} trials, {out['wall_s']:.0f} s)",
+        title_justify="left",
+    )
     for col in ["trial", *keys, metric, "step", "status"]:
         table.add_column(col, justify="left" if col in ("trial", "status") else "right")
     for t in out["trials"]:  # already sorted by the metric, best first
         status = "stopped early" if t["stopped_early"] else t["status"].lower()
-        params = (f"{t['params'].get(k):.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k)) for k in keys)
-        table.add_row(t["trial_id"], *params, f"{t['metric']:.4f}", str(t["step"]), status,
-                      style="bold green" if t["trial_id"] == out["best_trial"] else None)
+        params = (
+            f"{t['params'].get(k):.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k))
+            for k in keys
+        )
+        table.add_row(
+            t["trial_id"],
+            *params,
+            f"{t['metric']:.4f}",
+            str(t["step"]),
+            status,
+            style="bold green" if t["trial_id"] == out["best_trial"] else None,
+        )
     console().print(table)
 
 
 def tune_summary(out: dict, metric: str) -> None:
     print(f"results: {out['results_csv']}")
     print(f"plot:    {out['plot']}")
-    print(f"best:    {out['best_yaml']} (trial {out['best_trial']}, {metric} {out['best_metric']:.4f}; "
-          f"run it with bigray train -c {out['best_yaml']})")
+    print(
+        f"best:    {out['best_yaml']} (trial {out['best_trial']}, {metric} {out['best_metric']:.4f}; "
+        f"run it with bigray train -c {out['best_yaml']})"
+    )
     print(f"export:  {out['best_export']} (step {out['export']['step']})")
     print(f"bigray serve serve.model={out['best_export']}")
+
+
+class TrainProgress:
+    """Live training progress on the driver, fed each metrics record as Ray Train reports it.
+
+    A rich progress bar on a terminal; one plain line per record otherwise (CI logs, `ray job logs`).
+    """
+
+    def __init__(self, max_steps: int, start_step: int = 0, tty: bool | None = None):
+        import sys
+
+        self.max_steps = max_steps
+        self.start_step = start_step
+        self.tty = sys.stdout.isatty() if tty is None else tty
+        self.bar = None
+        self.val_loss: float | None = None
+
+    def __enter__(self) -> TrainProgress:
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.description}"),
+                TimeRemainingColumn(),
+                console=console(),
+                transient=False,
+            )
+            self.bar.start()
+            self.task = self.bar.add_task("", total=self.max_steps, completed=self.start_step)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, record: dict) -> None:
+        import time
+
+        step = record.get("step", 0)
+        if record.get("val_loss") is not None:
+            self.val_loss = record["val_loss"]
+        parts = [f"loss {record['loss']:.4f}"] if record.get("loss") is not None else []
+        if self.val_loss is not None:
+            parts.append(f"val_loss {self.val_loss:.4f}")
+        if record.get("tokens_per_s"):
+            parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        if record.get("mfu"):
+            parts.append(f"MFU {record['mfu']:.1%}")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, description="  ".join(parts))
+            return
+        # The rate since the first record: start-up (workers, DeepSpeed, the first batch) is not a step.
+        now = time.monotonic()
+        self.first = getattr(self, "first", None) or (step, now)
+        done = step - self.first[0]
+        eta = (now - self.first[1]) / done * (self.max_steps - step) if done > 0 else None
+        parts.append(f"ETA {_duration(eta)}" if eta is not None else "ETA ?")
+        print(f"step {step}/{self.max_steps}  " + "  ".join(parts), flush=True)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

@@ -62,10 +62,12 @@ def s3():
 def start_local_ray():
     import ray
 
+    from bigray.ray_compat import init_loopback_cluster
+
     # 4 logical CPUs on a 2-core box: 2 training workers plus Ray Data's read tasks beside them.
     # The dashboard as bigray's own local clusters have it: it serves the State API that Ray Train's
     # placement group cleaner needs to free the group of a controller that died.
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=True, log_to_driver=False)
+    init_loopback_cluster(num_cpus=4, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
