@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -11,7 +13,12 @@ from bigray.errors import ConfigError
 
 def test_defaults_match_spec():
     cfg = Config()
-    assert (cfg.data.seq_len, cfg.data.val_fraction, cfg.train.zero_stage, cfg.train.precision) == (1024, 0.01, 2, "bf16")
+    assert (cfg.data.seq_len, cfg.data.val_fraction, cfg.train.zero_stage, cfg.train.precision) == (
+        1024,
+        0.01,
+        2,
+        "bf16",
+    )
     assert cfg.serve.host == "127.0.0.1" and cfg.tune.scheduler == "asha" and cfg.ray.address is None
 
 
@@ -20,7 +27,9 @@ def test_files_layer_and_overrides_win(tmp_path):
     b = tmp_path / "b.yaml"
     a.write_text("data: {seq_len: 128, inputs: [x.jsonl]}\ntrain: {lr: 1.0e-3}\n")
     b.write_text("data: {seq_len: 256}\n")
-    cfg = load_config([a, b], ["train.lr=3e-4", "data.inputs=[a.jsonl, b.jsonl]", "train.deepspeed={zero_optimization: {stage: 3}}"])
+    cfg = load_config(
+        [a, b], ["train.lr=3e-4", "data.inputs=[a.jsonl, b.jsonl]", "train.deepspeed={zero_optimization: {stage: 3}}"]
+    )
     assert cfg.data.seq_len == 256
     assert cfg.train.lr == 3e-4
     assert cfg.data.inputs == ["a.jsonl", "b.jsonl"]
@@ -29,9 +38,14 @@ def test_files_layer_and_overrides_win(tmp_path):
 
 def test_search_space_entry_is_replaced_not_merged(tmp_path):
     f = tmp_path / "sweep.yaml"
-    f.write_text("tune:\n  search_space:\n    train.lr: {grid: [1.0e-3, 3.0e-4]}\n    train.warmup_steps: {choice: [2, 10]}\n")
+    f.write_text(
+        "tune:\n  search_space:\n    train.lr: {grid: [1.0e-3, 3.0e-4]}\n    train.warmup_steps: {choice: [2, 10]}\n"
+    )
     cfg = load_config([f], ["tune.search_space={train.lr: {loguniform: [1.0e-4, 3.0e-3]}}"])
-    assert cfg.tune.search_space == {"train.lr": {"loguniform": [1e-4, 3e-3]}, "train.warmup_steps": {"choice": [2, 10]}}
+    assert cfg.tune.search_space == {
+        "train.lr": {"loguniform": [1e-4, 3e-3]},
+        "train.warmup_steps": {"choice": [2, 10]},
+    }
 
 
 def test_show_round_trips(tmp_path):
@@ -74,6 +88,6 @@ def test_override_errors_name_command_line(tmp_path):
         load_config([tmp_path / "missing.yaml"])
 
 
-@pytest.mark.parametrize("path", sorted(__import__("glob").glob(str(__import__("pathlib").Path(__file__).parent.parent / "configs" / "*.yaml"))))
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml")), ids=str)
 def test_shipped_configs_validate(path):
     load_config([path])

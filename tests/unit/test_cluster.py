@@ -13,10 +13,12 @@ import jsonschema
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "cluster"
 LAUNCHER = sorted(p for p in CLUSTER.glob("*.yaml") if "provider" in yaml.safe_load(p.read_text()))
-KUBERAY = sorted(p for p in CLUSTER.glob("*.yaml") if yaml.safe_load(p.read_text()).get("apiVersion", "").startswith("ray.io/"))
+KUBERAY = sorted(
+    p for p in CLUSTER.glob("*.yaml") if yaml.safe_load(p.read_text()).get("apiVersion", "").startswith("ray.io/")
+)
 
 
 def load(path: Path) -> dict:
@@ -81,20 +83,25 @@ def test_local_yaml_is_a_fake_multinode_cluster():
     assert cfg["provider"]["type"] == "fake_multinode"
     head = cfg["available_node_types"][cfg["head_node_type"]]
     workers = [v for k, v in cfg["available_node_types"].items() if k != cfg["head_node_type"]]
-    assert workers and all(w["resources"]["CPU"] > head["resources"]["CPU"] for w in workers), "workers hold what the head cannot"
+    assert workers and all(w["resources"]["CPU"] > head["resources"]["CPU"] for w in workers), (
+        "workers hold what the head cannot"
+    )
 
 
 def _containers(template: dict) -> list[dict]:
     containers = template["spec"]["containers"]
-    assert containers and all(c.get("name") and c.get("image") for c in containers), "each container needs name and image"
+    assert containers and all(c.get("name") and c.get("image") for c in containers), (
+        "each container needs name and image"
+    )
     return containers
 
 
 def _check_ray_cluster_spec(spec: dict) -> None:
     """The fields KubeRay's RayCluster CRD (ray.io/v1) requires, and the invariants its webhook enforces."""
     head = spec["headGroupSpec"]
-    assert isinstance(head["rayStartParams"], dict) and all(isinstance(v, str) for v in head["rayStartParams"].values()), \
-        "rayStartParams is map[string]string in the CRD: quote every value"
+    assert isinstance(head["rayStartParams"], dict) and all(
+        isinstance(v, str) for v in head["rayStartParams"].values()
+    ), "rayStartParams is map[string]string in the CRD: quote every value"
     ports = {p["name"]: p["containerPort"] for p in _containers(head["template"])[0].get("ports", [])}
     assert ports.get("dashboard") == 8265 and ports.get("gcs-server") == 6379
     groups = spec["workerGroupSpecs"]
@@ -106,7 +113,10 @@ def _check_ray_cluster_spec(spec: dict) -> None:
         ray_container = _containers(g["template"])[0]
         if g["groupName"].startswith("gpu"):
             limits = ray_container["resources"]["limits"]
-            assert int(limits["nvidia.com/gpu"]) >= 1 and limits["nvidia.com/gpu"] == ray_container["resources"]["requests"]["nvidia.com/gpu"]
+            assert (
+                int(limits["nvidia.com/gpu"]) >= 1
+                and limits["nvidia.com/gpu"] == ray_container["resources"]["requests"]["nvidia.com/gpu"]
+            )
 
 
 def test_kuberay_raycluster():
@@ -114,7 +124,10 @@ def test_kuberay_raycluster():
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayCluster") and manifest["metadata"]["name"]
     _check_ray_cluster_spec(manifest["spec"])
     assert manifest["spec"]["enableInTreeAutoscaling"] is True
-    assert any(g["minReplicas"] < g["maxReplicas"] and g["groupName"].startswith("gpu") for g in manifest["spec"]["workerGroupSpecs"])
+    assert any(
+        g["minReplicas"] < g["maxReplicas"] and g["groupName"].startswith("gpu")
+        for g in manifest["spec"]["workerGroupSpecs"]
+    )
 
 
 def test_kuberay_rayjob():
@@ -135,7 +148,8 @@ def test_kuberay_rayjob():
     cfg = load_config([ROOT / c for c in args.config], args.overrides)
     assert cfg.train.use_gpu and cfg.train.num_workers <= sum(
         int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["maxReplicas"]
-        for g in spec["rayClusterSpec"]["workerGroupSpecs"]), "the cluster holds the job's GPU workers"
+        for g in spec["rayClusterSpec"]["workerGroupSpecs"]
+    ), "the cluster holds the job's GPU workers"
 
 
 def test_job_runtime_env_is_valid_for_ray():
@@ -150,5 +164,7 @@ def test_job_runtime_env_is_valid_for_ray():
 @pytest.mark.parametrize("stage", ["prepare", "train", "tune", "serve"])
 def test_job_entrypoint_per_stage(stage):
     """`python jobs/<stage>.py` is `bigray <stage>`: the same parser, run the way `ray job submit` runs it."""
-    out = subprocess.run([sys.executable, f"jobs/{stage}.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, f"jobs/{stage}.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and f"usage: bigray {stage}" in out.stdout, out.stderr[-2000:]

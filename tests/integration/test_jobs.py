@@ -28,18 +28,32 @@ import yaml
 from bigray import storage
 from tests.conftest import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).with_name("ray"))
-TINY_TRAIN = ["train.num_workers=2", "train.micro_batch_size=4", "train.precision=fp32", "train.lr=3e-3", "train.min_lr=3e-4",
-              "train.warmup_steps=2", "train.max_steps=10", "train.log_every=5", "train.eval_every=10", "train.checkpoint_every=5",
-              "train.max_failures=0"]
+TINY_TRAIN = [
+    "train.num_workers=2",
+    "train.micro_batch_size=4",
+    "train.precision=fp32",
+    "train.lr=3e-3",
+    "train.min_lr=3e-4",
+    "train.warmup_steps=2",
+    "train.max_steps=10",
+    "train.log_every=5",
+    "train.eval_every=10",
+    "train.checkpoint_every=5",
+    "train.max_failures=0",
+]
 
 
 def ray_env(**extra: str) -> dict:
     """Env for the head and for the CLI client: token auth on, loopback kept, this venv's python first on PATH."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0", PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
-               **extra)
+    env.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        **extra,
+    )
     return env
 
 
@@ -50,15 +64,37 @@ def ray_head(num_cpus: int = 4, autoscaling_config: dict | None = None, env: dic
     With `autoscaling_config` (a fake_multinode cluster YAML as a dict) the head runs Ray's autoscaler,
     which adds and removes fake worker nodes on this machine.
     """
-    ports = {name: free_port() for name in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-                                              "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-                                              "node-manager-port", "object-manager-port")}
+    ports = {
+        name: free_port()
+        for name in (
+            "port",
+            "dashboard-port",
+            "ray-client-server-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+            "metrics-export-port",
+            "node-manager-port",
+            "object-manager-port",
+        )
+    }
     # Unix socket paths under the temp dir must stay short (108 bytes), hence not pytest's tmp_path.
     temp_dir = tempfile.mkdtemp(prefix="bigray-ray-", dir="/tmp")
     env = ray_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), **(env or {}))
-    cmd = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", f"--num-cpus={num_cpus}",
-           f"--temp-dir={temp_dir}", "--min-worker-port=0", "--max-worker-port=0", "--disable-usage-stats",
-           *(f"--{name}={port}" for name, port in ports.items())]
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--num-cpus={num_cpus}",
+        f"--temp-dir={temp_dir}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        "--disable-usage-stats",
+        *(f"--{name}={port}" for name, port in ports.items()),
+    ]
     if autoscaling_config:
         autoscaling_config = copy.deepcopy(autoscaling_config)
         # Fake nodes join the GCS at <this host>:6379 unless told otherwise.
@@ -85,7 +121,9 @@ def wait_for_jobs_api(dashboard: str, env: dict, head: subprocess.Popen, temp_di
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if head.poll() is not None:
-            raise RuntimeError(f"ray start exited {head.returncode}:\n{Path(temp_dir, 'ray-start.log').read_text()[-3000:]}")
+            raise RuntimeError(
+                f"ray start exited {head.returncode}:\n{Path(temp_dir, 'ray-start.log').read_text()[-3000:]}"
+            )
         if subprocess.run([RAY, "job", "list", "--address", dashboard], env=env, capture_output=True).returncode == 0:
             return
         time.sleep(2)
@@ -121,15 +159,40 @@ def _gone():
         pass
 
 
-def submit(dashboard: str, env: dict, runtime_env: dict, entrypoint: list[str], tmp_path: Path, working_dir: bool = True,
-           timeout_s: float = 600) -> dict:
-    """`ray job submit [--working-dir .]` from the repo root, waiting for the end; returns the job's record from the jobs REST API."""
+def submit(
+    dashboard: str,
+    env: dict,
+    runtime_env: dict,
+    entrypoint: list[str],
+    tmp_path: Path,
+    working_dir: bool = True,
+    timeout_s: float = 600,
+) -> dict:
+    """`ray job submit [--working-dir .]` from the repo root, to the end; the job's record from the jobs REST API."""
     env_file = tmp_path / "runtime_env.yaml"
     env_file.write_text(yaml.safe_dump(runtime_env))
     job_id = f"bigray-test-{uuid.uuid4().hex[:8]}"
-    out = subprocess.run([RAY, "job", "submit", "--address", dashboard, "--submission-id", job_id, *(["--working-dir", "."] if working_dir else []),
-                          "--runtime-env", str(env_file), "--", *entrypoint],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+    out = subprocess.run(
+        [
+            RAY,
+            "job",
+            "submit",
+            "--address",
+            dashboard,
+            "--submission-id",
+            job_id,
+            *(["--working-dir", "."] if working_dir else []),
+            "--runtime-env",
+            str(env_file),
+            "--",
+            *entrypoint,
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
     job = job_info(dashboard, env, job_id)
     assert out.returncode == 0, f"job {job['status']}: {job.get('message')}\n{out.stdout[-4000:]}\n{out.stderr[-2000:]}"
     return job
@@ -137,7 +200,9 @@ def submit(dashboard: str, env: dict, runtime_env: dict, entrypoint: list[str], 
 
 def job_info(dashboard: str, env: dict, job_id: str, token: str | None = None) -> dict:
     """GET /api/jobs/<id> with the cluster's token, as any HTTP client of the Jobs API would."""
-    request = urllib.request.Request(f"{dashboard}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token or env['RAY_AUTH_TOKEN']}"})
+    request = urllib.request.Request(
+        f"{dashboard}/api/jobs/{job_id}", headers={"Authorization": f"Bearer {token or env['RAY_AUTH_TOKEN']}"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.load(response)
 
@@ -146,9 +211,16 @@ def job_runtime_env(s3, gcs: str, **env_vars: str) -> dict:
     """jobs/runtime_env.yaml as shipped, plus what this box needs: CPU DeepSpeed, the local S3 server, and the GCS
     address for Ray Train's helper actors (with other Ray clusters on this machine, "auto" would be ambiguous)."""
     runtime_env = yaml.safe_load((ROOT / "jobs" / "runtime_env.yaml").read_text())
-    runtime_env["env_vars"].update(DS_ACCELERATOR="cpu", AWS_ENDPOINT_URL=s3.endpoint, AWS_ACCESS_KEY_ID="testing",
-                                   AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1", AWS_EC2_METADATA_DISABLED="true",
-                                   RAY_ADDRESS=gcs, **env_vars)
+    runtime_env["env_vars"].update(
+        DS_ACCELERATOR="cpu",
+        AWS_ENDPOINT_URL=s3.endpoint,
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+        RAY_ADDRESS=gcs,
+        **env_vars,
+    )
     return runtime_env
 
 
@@ -159,19 +231,38 @@ def run_keys(s3, prefix: str) -> set[str]:
 def test_ray_job_submit_train(shards, s3, tmp_path):
     runs = s3.uri("job-runs")
     with ray_head(num_cpus=4) as (gcs, dashboard, env):
-        job = submit(dashboard, env, job_runtime_env(s3, gcs), [
-            "python", "jobs/train.py", f"data.output={shards}", f"train.storage_path={runs}", "train.run_name=job", *TINY_TRAIN,
-        ], tmp_path)
+        job = submit(
+            dashboard,
+            env,
+            job_runtime_env(s3, gcs),
+            [
+                "python",
+                "jobs/train.py",
+                f"data.output={shards}",
+                f"train.storage_path={runs}",
+                "train.run_name=job",
+                *TINY_TRAIN,
+            ],
+            tmp_path,
+        )
         assert job["status"] == "SUCCEEDED", job
-        logs = subprocess.run([RAY, "job", "logs", "--address", dashboard, job["submission_id"]], env=env, capture_output=True, text=True).stdout
+        logs = subprocess.run(
+            [RAY, "job", "logs", "--address", dashboard, job["submission_id"]], env=env, capture_output=True, text=True
+        ).stdout
         with pytest.raises(urllib.error.HTTPError) as denied:  # token auth is on: a wrong token is refused
             job_info(dashboard, env, job["submission_id"], token="0" * 64)
         assert denied.value.code in (401, 403)
-    assert "run: s3://" in logs and "export:" in logs, logs[-3000:]  # the CLI's own summary, printed by the job's driver
+    assert "run: s3://" in logs and "export:" in logs, logs[
+        -3000:
+    ]  # the CLI's own summary, printed by the job's driver
 
     keys = run_keys(s3, "job-runs/job/")
-    assert {k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_") and k.count("/") > 2}, "a checkpoint in S3"
-    assert any(k.endswith("/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys), "both ranks' ZeRO shards in the checkpoint"
+    assert {k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_") and k.count("/") > 2}, (
+        "a checkpoint in S3"
+    )
+    assert any(k.endswith("/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys), (
+        "both ranks' ZeRO shards in the checkpoint"
+    )
     records = [json.loads(line) for line in storage.read_bytes(f"{runs}/job/metrics.jsonl").decode().splitlines()]
     assert [r["step"] for r in records] == [5, 10] and "val_loss" in records[-1]
     assert "job-runs/job/export/model.safetensors" in keys

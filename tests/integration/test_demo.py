@@ -14,7 +14,13 @@ from pathlib import Path
 def test_demo_runs_the_whole_flow(tmp_path):
     out = tmp_path / "demo"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}  # the demo brings its own S3
-    proc = subprocess.run([sys.executable, "-m", "bigray", "demo", "--out", str(out)], env=env, capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bigray", "demo", "--out", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     stdout = proc.stdout
 
