@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[dev,tune]'
 	touch $@
 
-.PHONY: install demo test test-all lint bench
+.PHONY: install demo test test-unit test-all lint bench
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -21,6 +21,9 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(BIN)/pytest -q
+
+test-unit: $(VENV)/.installed
+	$(BIN)/pytest -q tests/unit
 
 test-all: $(VENV)/.installed
 	$(BIN)/pytest -q -m ''
