@@ -38,9 +38,10 @@ def _train(cfg: Config, args) -> None:
 
 def _export(cfg: Config, args) -> None:
     from bigray import display
+    from bigray.storage import Store
     from bigray.train.export import export
 
-    display.export_line(export(args.run_dir, args.out_dir, checkpoint=args.checkpoint, storage_cfg=cfg.storage))
+    display.export_line(export(args.run_dir, args.out_dir, Store(cfg.storage), checkpoint=args.checkpoint))
 
 
 def _tune(cfg: Config, args) -> None:

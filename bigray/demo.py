@@ -115,14 +115,10 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
             f"train: {cfg.model.preset} preset, ZeRO-{cfg.train.zero_stage}, {cfg.train.num_workers} workers, {cfg.train.max_steps} steps"
         )
         run = train(cfg)
-        records = [
-            json.loads(line)
-            for line in storage.read_bytes(storage.join(run["run_dir"], "metrics.jsonl")).decode().splitlines()
-            if line
-        ]
-        losses = [r["loss"] for r in records if "loss" in r]
+        losses = [r["loss"] for r in run.records if "loss" in r]
         print(
-            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  {display.sparkline(losses)}  (val_loss {run['metrics'].get('val_loss', float('nan')):.3f})"
+            f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  {display.sparkline(losses)}  "
+            f"(val_loss {run.last.get('val_loss', float('nan')):.3f})"
         )
         timings["train"] = time.perf_counter() - t
 
@@ -142,9 +138,9 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
         timings["tune"] = time.perf_counter() - t
 
         # Promote whichever model validates best: the full run or the sweep's best (shorter) trial.
-        run_val = run["metrics"].get("val_loss", float("inf"))
+        run_val = run.last.get("val_loss", float("inf"))
         best = (
-            (run["export"]["out_dir"], f"train run (val_loss {run_val:.3f})")
+            (run.export.out_dir, f"train run (val_loss {run_val:.3f})")
             if run_val <= sweep["best_metric"]
             else (sweep["best_export"], f"sweep trial {sweep['best_trial']} (val_loss {sweep['best_metric']:.3f})")
         )
@@ -171,7 +167,7 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
 
         written = {
             "shards": cfg.data.output,
-            "run": run["run_dir"],
+            "run": run.run_dir,
             "sweep": sweep["sweep_dir"],
             "served model": best[0],
         }

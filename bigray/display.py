@@ -6,8 +6,14 @@ The CLI and the demo both print through here, so presentation lives apart from d
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from bigray.train.export import ExportResult
+    from bigray.train.trainer import TrainResult
 
 
 def console() -> Console:
@@ -51,23 +57,21 @@ def prepare_summary(result: dict) -> None:
     )
 
 
-def train_summary(out: dict) -> None:
-    first, last = out["first"], out["metrics"]
-    print(f"run: {out['run_dir']}")
+def train_summary(out: TrainResult) -> None:
+    first, last = out.first, out.last
+    print(f"run: {out.run_dir}")
     print(
         f"steps {last.get('step')}: loss {first.get('loss', float('nan')):.4f} -> {last.get('loss', float('nan')):.4f}"
         + (f", val_loss {last['val_loss']:.4f}" if "val_loss" in last else "")
-        + f", {last.get('tokens_per_s', 0):,.0f} tokens/s, {out['wall_s']:.0f} s"
+        + f", {last.get('tokens_per_s', 0):,.0f} tokens/s, {out.wall_s:.0f} s"
     )
-    if out["export"]:
-        export_line(out["export"])
+    if out.export:
+        export_line(out.export)
 
 
-def export_line(exp: dict) -> None:
-    source = f" from {exp['checkpoint']}" if exp.get("checkpoint") else ""
-    print(
-        f"export: {exp['out_dir']}{source} (step {exp['step']}, probe logits max |diff| {exp['probe_max_abs_diff']:.2e})"
-    )
+def export_line(exp: ExportResult) -> None:
+    print(f"export: {exp.out_dir} from {exp.checkpoint} "
+          f"(step {exp.step}, probe logits max |diff| {exp.probe_max_abs_diff:.2e})")
 
 
 def tune_table(out: dict, metric: str, scheduler: str, keys: list[str]) -> None:

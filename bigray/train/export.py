@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from bigray import storage
 from bigray.errors import BigrayError, DataError
+from bigray.storage import Store, join
 
 # Max |logit difference| allowed between the exported model (fp32) and the engine that wrote the
 # checkpoint: fp32 engines differ only by kernel order; bf16/fp16 engines round activations to
@@ -17,18 +18,30 @@ from bigray.errors import BigrayError, DataError
 PROBE_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.05}
 
 
-def latest_checkpoint(run_dir: str, storage_cfg=None) -> str:
+@dataclass(frozen=True)
+class ExportResult:
+    """What `bigray export` wrote and how closely it matches the engine that trained it."""
+
+    out_dir: str
+    checkpoint: str
+    step: int
+    probe_max_abs_diff: float
+    dtype: str
+
+
+def latest_checkpoint(run_dir: str, store: Store) -> str:
     """The run's checkpoint with the highest step (Ray Train names them checkpoint_<timestamp>)."""
-    fs, path = storage.filesystem(run_dir, storage_cfg)
+    fs, path = store.filesystem(run_dir)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise DataError(f"{run_dir}: no such run directory")
     best, best_step = None, -1
     for info in fs.get_file_info(pafs.FileSelector(path)):
-        meta_uri = storage.join(run_dir, info.base_name, "bigray.json")
-        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") and storage.exists(meta_uri, storage_cfg):
-            step = json.loads(storage.read_bytes(meta_uri, storage_cfg))["step"]
+        meta_uri = join(run_dir, info.base_name, "bigray.json")
+        is_checkpoint = info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+        if is_checkpoint and store.exists(meta_uri):
+            step = json.loads(store.read_bytes(meta_uri))["step"]
             if step > best_step:
-                best, best_step = storage.join(run_dir, info.base_name), step
+                best, best_step = join(run_dir, info.base_name), step
     if best is None:
         raise DataError(f"{run_dir}: no bigray checkpoint found (expected checkpoint_*/bigray.json)")
     return best
@@ -39,21 +52,23 @@ def consolidated_state_dict(ckpt_dir: str, meta: dict) -> dict:
     import torch
 
     if meta["zero_stage"] == 0:
-        states = torch.load(os.path.join(ckpt_dir, meta["tag"], "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        states = torch.load(os.path.join(ckpt_dir, meta["tag"], "mp_rank_00_model_states.pt"), map_location="cpu",
+                            weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=meta["tag"])
 
 
-def export(run_dir: str, out_dir: str, checkpoint: str | None = None, storage_cfg=None) -> dict:
-    """Write `out_dir` (config.json, model.safetensors, tokenizer, generation config); returns facts about it."""
+def export(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = None) -> ExportResult:
+    """Write `out_dir` (config.json, model.safetensors, tokenizer, generation config) from the run's latest
+    checkpoint, or from `checkpoint`; fails if the exported model's logits differ from the engine's."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    ckpt_uri = checkpoint or latest_checkpoint(run_dir, storage_cfg)
-    local = storage.local_dir(ckpt_uri, storage_cfg)
+    ckpt_uri = checkpoint or latest_checkpoint(run_dir, store)
+    local = store.local_dir(ckpt_uri)
     with open(os.path.join(local, "bigray.json")) as f:
         meta = json.load(f)
     hf_cfg = AutoConfig.from_pretrained(os.path.join(local, "hf"), local_files_only=True)
@@ -61,7 +76,8 @@ def export(run_dir: str, out_dir: str, checkpoint: str | None = None, storage_cf
     missing, unexpected = model.load_state_dict(consolidated_state_dict(local, meta), strict=False)
     tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
     if set(missing) - tied or unexpected:
-        raise BigrayError(f"{ckpt_uri}: checkpoint does not fit the model config (missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+        raise BigrayError(f"{ckpt_uri}: checkpoint does not fit the model config "
+                          f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
     model.tie_weights()
     model.eval()
 
@@ -71,14 +87,16 @@ def export(run_dir: str, out_dir: str, checkpoint: str | None = None, storage_cf
     diff = (logits - probe["logits"]).abs().max().item()
     tolerance = PROBE_TOLERANCE[meta["precision"]]
     if diff > tolerance:
-        raise BigrayError(f"{ckpt_uri}: exported logits differ from the engine's by {diff:.3g} > {tolerance} ({meta['precision']}); export is wrong")
+        raise BigrayError(f"{ckpt_uri}: exported logits differ from the engine's by {diff:.3g} > {tolerance} "
+                          f"({meta['precision']}); export is wrong")
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta["precision"], torch.float32)
-    generation = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id, pad_token_id=hf_cfg.pad_token_id,
-                                  do_sample=False, max_new_tokens=256)
+    generation = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
+                                  pad_token_id=hf_cfg.pad_token_id, do_sample=False, max_new_tokens=256)
     with tempfile.TemporaryDirectory(prefix="bigray-export-") as tmp:
         model.to(dtype).save_pretrained(tmp, safe_serialization=True)
         generation.save_pretrained(tmp)
-        storage.copy_dir(os.path.join(local, "tokenizer"), tmp)
-        storage.copy_dir(tmp, out_dir, storage_cfg)
-    return {"out_dir": out_dir, "checkpoint": ckpt_uri, "step": meta["step"], "probe_max_abs_diff": diff, "dtype": str(dtype).replace("torch.", "")}
+        store.copy_dir(os.path.join(local, "tokenizer"), tmp)
+        store.copy_dir(tmp, out_dir)
+    return ExportResult(out_dir=out_dir, checkpoint=ckpt_uri, step=meta["step"], probe_max_abs_diff=diff,
+                        dtype=str(dtype).replace("torch.", ""))

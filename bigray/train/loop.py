@@ -1,4 +1,9 @@
-"""The per-worker training function that Ray Train runs: ordinary DeepSpeed plus `ray.train.report`."""
+"""The per-worker training function that Ray Train runs: ordinary DeepSpeed plus `ray.train.report`.
+
+`train_func` reads like a table of contents: `setup_engine` (one function per technique), `restore`, then
+per step `train_step`, and on logged steps `maybe_evaluate` and `maybe_checkpoint`, which decide themselves
+whether they are due.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +13,16 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from bigray import storage
-from bigray.config import Config
-from bigray.train.data import epoch_batches, global_batches, micro_slice, table_rows
+from bigray.config import ModelConfig, TrainConfig
+from bigray.storage import Store
+from bigray.train.batches import global_batches, micro_slice, table_rows, train_batches
 from bigray.train.metrics import MetricsLog, memory_gb, mfu, peak_flops
 from bigray.train.model import build_model, flops_per_token, model_config
 from bigray.train.zero import deepspeed_config, lr_at, param_groups, resolve_precision
@@ -22,86 +31,131 @@ CKPT_TAG = "ds"
 PROBE_TOKENS = 16
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """This worker's fixed facts: what stepping, evaluating and checkpointing need besides the engine."""
+
+    train: TrainConfig
+    store: Store
+    rank: int
+    world: int
+    device: Any  # torch.device
+    run_dir: str
+    tokenizer_dir: str  # copied into every checkpoint, so an export is a complete HF dir
+    probe: list[int]  # token ids whose logits every checkpoint stores, for export to check against
+    hf_cfg: Any  # the transformers config the model was built from
+    precision: str
+    log: MetricsLog | None  # rank 0's metrics.jsonl and TensorBoard; None on other ranks
+
+
 def train_func(config: dict) -> None:
+    """Ray Train's per-worker function; `config` is the train_loop_config built in trainer.py."""
     import ray.train
     import ray.train.torch
 
-    cfg = Config.model_validate(config["cfg"])
-    t, manifest, run_dir = cfg.train, config["manifest"], config["run_dir"]
+    t, store, manifest = TrainConfig.model_validate(config["train"]), config["store"], config["manifest"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    tok = manifest["tokenizer"]
-    engine, hf_cfg, precision = setup_engine(cfg, tok["vocab_size"], manifest["seq_len"], tok["eos_id"], world, device)
-    step = restore(engine, rank, config.get("resume_from"), cfg.storage)
+    tok, seq_len = manifest["tokenizer"], manifest["seq_len"]
+    engine, hf_cfg, precision = setup_engine(t, ModelConfig.model_validate(config["model"]), store, tok["vocab_size"],
+                                             seq_len, tok["eos_id"], world, device)
+    step = restore(engine, rank, config["resume_from"], store)
     # The checkpoint's scheduler state carries the peak LR of the run that wrote it; this run's own
     # train.lr wins (a PBT trial restarts from another trial's checkpoint with a perturbed LR).
     engine.lr_scheduler.base_lrs = [t.lr] * len(engine.lr_scheduler.base_lrs)
-    log = MetricsLog(run_dir, step, cfg.storage) if rank == 0 else None
-
-    seq_len = manifest["seq_len"]
+    run = RunContext(train=t, store=store, rank=rank, world=world, device=device, run_dir=config["run_dir"],
+                     tokenizer_dir=config["tokenizer_dir"], probe=config["probe"], hf_cfg=hf_cfg, precision=precision,
+                     log=MetricsLog(config["run_dir"], step, store) if rank == 0 else None)
     rows_per_step = world * t.micro_batch_size * t.grad_accum_steps
-    steps_per_epoch = manifest["splits"]["train"]["rows"] // rows_per_step
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
-    flops = flops_per_token(hf_cfg, n_params, seq_len)
-    peak = peak_flops(_device_name(device), t.peak_tflops)
-    train_it = ray.train.get_dataset_shard("train")
-    val_it = ray.train.get_dataset_shard("val") if "val" in config["datasets"] else None
-    val_batches = None
+    window = Window(run, rows_per_step * seq_len, flops_per_token(hf_cfg, n_params, seq_len),
+                    peak_flops(_device_name(device), t.peak_tflops))
+    val = ValBatches(ray.train.get_dataset_shard("val"), t, world) if "val" in config["datasets"] else None
+    batches = train_batches(ray.train.get_dataset_shard("train"), t.shuffle_window, t.seed, rows_per_step,
+                            manifest["splits"]["train"]["rows"] // rows_per_step, step, t.max_steps)
 
-    epoch, skip = divmod(step, steps_per_epoch)
-    batches = epoch_batches(train_it, t.shuffle_window, t.seed, epoch, rows_per_step, skip)
-    loss_acc, steps_since, clock = 0.0, 0, time.perf_counter()
-    while step < t.max_steps:
-        batch = next(batches, None)
-        if batch is None:
-            epoch += 1
-            batches = epoch_batches(train_it, t.shuffle_window, t.seed, epoch, rows_per_step)
+    for step, epoch, batch in batches:
+        window.add(train_step(engine, batch, run))
+        if not report_due(step, t, val is not None):
             continue
-        for m in range(t.grad_accum_steps):
-            loss = lm_loss(engine, micro_slice(batch, m, rank, world, t.micro_batch_size), device)
-            engine.backward(loss)
-            engine.step()
-            loss_acc += loss.detach()
-        step += 1
-        steps_since += 1
+        metrics = window.metrics(engine, step, epoch)
+        metrics |= maybe_evaluate(engine, val, step, run)
+        if run.log:
+            run.log.log(metrics)
+        with maybe_checkpoint(engine, step, run) as checkpoint:
+            ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+        window.reset()  # after the report: eval and checkpoint time are not step time
+    if run.log:
+        run.log.flush_tensorboard()
 
-        evaluate_now = val_it is not None and (step % t.eval_every == 0 or step == t.max_steps)
-        checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
-        if not (step % t.log_every == 0 or evaluate_now or checkpoint_now):
-            continue
-        elapsed = time.perf_counter() - clock
-        tokens_per_s = steps_since * rows_per_step * seq_len / elapsed
-        metrics = {
-            "step": step, "epoch": epoch, "loss": _mean_across_ranks(loss_acc / (steps_since * t.grad_accum_steps), device),
+
+def train_step(engine, batch: np.ndarray, run: RunContext):
+    """One optimizer step over a global batch: this rank's micro slices, accumulated inside DeepSpeed.
+
+    Returns the sum of the micro steps' losses, a tensor (no device sync here).
+    """
+    t, total = run.train, 0.0
+    for m in range(t.grad_accum_steps):
+        loss = lm_loss(engine, micro_slice(batch, m, run.rank, run.world, t.micro_batch_size), run.device)
+        engine.backward(loss)
+        engine.step()
+        total += loss.detach()
+    return total
+
+
+def eval_due(step: int, t: TrainConfig) -> bool:
+    return step % t.eval_every == 0 or step == t.max_steps
+
+
+def checkpoint_due(step: int, t: TrainConfig) -> bool:
+    return step % t.checkpoint_every == 0 or step == t.max_steps
+
+
+def report_due(step: int, t: TrainConfig, has_val: bool) -> bool:
+    """Steps that are logged and reported to Ray Train: every log_every, and every eval or checkpoint step."""
+    return step % t.log_every == 0 or (has_val and eval_due(step, t)) or checkpoint_due(step, t)
+
+
+class Window:
+    """Loss and wall time since the last reported step, turned into that step's metrics record."""
+
+    def __init__(self, run: RunContext, tokens_per_step: int, flops_per_token: float, peak: float | None):
+        self.run, self.tokens_per_step, self.flops_per_token, self.peak = run, tokens_per_step, flops_per_token, peak
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss, self.steps, self.clock = 0.0, 0, time.perf_counter()
+
+    def add(self, loss) -> None:
+        self.loss += loss
+        self.steps += 1
+
+    def metrics(self, engine, step: int, epoch: int) -> dict:
+        """The metrics record of `step`; collective (the loss is averaged over ranks)."""
+        t, world = self.run.train, self.run.world
+        elapsed = time.perf_counter() - self.clock
+        tokens_per_s = self.steps * self.tokens_per_step / elapsed
+        return {
+            "step": step, "epoch": epoch,
+            "loss": _mean_across_ranks(self.loss / (self.steps * t.grad_accum_steps), self.run.device),
             "lr": lr_at(step - 1, t), "grad_norm": _float(engine.get_global_grad_norm()),
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_worker": tokens_per_s / world,
-            "mfu": mfu(tokens_per_s / world, flops, peak), "step_time_s": elapsed / steps_since, "memory_gb": memory_gb(),
+            "mfu": mfu(tokens_per_s / world, self.flops_per_token, self.peak), "step_time_s": elapsed / self.steps,
+            "memory_gb": memory_gb(),
         }
-        if evaluate_now:
-            val_batches = val_batches or load_val(val_it, t, world)
-            metrics["val_loss"] = evaluate(engine, val_batches, t, rank, world, device)
-        if log:
-            log.log(metrics)
-        if checkpoint_now:
-            save_checkpoint(engine, cfg, config, metrics, rank, hf_cfg, precision, device, log)
-        else:
-            ray.train.report({k: v for k, v in metrics.items() if v is not None})
-        loss_acc, steps_since, clock = 0.0, 0, time.perf_counter()
-    if log:
-        log.flush_tensorboard()
 
 
-def setup_engine(cfg: Config, vocab_size: int, seq_len: int, eos_id: int, world: int, device):
+def setup_engine(t: TrainConfig, model: ModelConfig, store: Store, vocab_size: int, seq_len: int, eos_id: int,
+                 world: int, device):
     """Build the model (inside zero.Init under ZeRO-3), AdamW, the LR schedule and the DeepSpeed engine.
 
-    Needs torch.distributed initialised (Ray Train does it); nothing here depends on Ray.
+    Returns (engine, the transformers config, the precision it runs in). Needs torch.distributed initialised
+    (Ray Train does it); nothing here depends on Ray.
     """
-    t = cfg.train
     if device.type != "cuda":
         os.environ["DS_ACCELERATOR"] = "cpu"
     import deepspeed
-    import torch
     from deepspeed.accelerator import get_accelerator
 
     # DeepSpeed's comm layer wraps the existing process group (ZeRO-3's zero.Init reads the world
@@ -111,31 +165,61 @@ def setup_engine(cfg: Config, vocab_size: int, seq_len: int, eos_id: int, world:
     precision = resolve_precision(t.precision, on_gpu, get_accelerator().is_bf16_supported())
     ds_cfg = deepspeed_config(t, world, precision, on_gpu)
     # One local copy of an s3:// pretrained dir serves both the config and the weights.
-    pretrained_dir = storage.local_dir(cfg.model.pretrained, cfg.storage) if cfg.model.pretrained else None
-    hf_cfg = model_config(cfg.model, vocab_size, seq_len, eos_id, pretrained_dir)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
+    pretrained_dir = store.local_dir(model.pretrained) if model.pretrained else None
+    hf_cfg = model_config(model, vocab_size, seq_len, eos_id, pretrained_dir)
+    seed_everything(t.seed)
     if t.zero_stage == 3:
         from transformers.integrations import HfDeepSpeedConfig
 
         # Must stay alive while the model is built: transformers then builds inside deepspeed.zero.Init.
         ds_hint = HfDeepSpeedConfig(ds_cfg)  # noqa: F841
-    model = build_model(hf_cfg, pretrained_dir)
+    module = build_model(hf_cfg, pretrained_dir)
     if t.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    groups = param_groups(model, t.weight_decay)
+        apply_activation_checkpointing(module)
+    optimizer = build_optimizer(module, t, on_gpu)
+    scheduler = build_lr_scheduler(optimizer, t)
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    if t.compile:
+        apply_compile(engine)
+    return engine, hf_cfg, precision
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch RNGs, so every rank builds the same initial weights."""
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def apply_activation_checkpointing(module) -> None:
+    """Recompute each decoder layer's activations in backward instead of keeping them (HF's own hook)."""
+    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def apply_compile(engine) -> None:
+    """torch.compile the engine's module (DeepSpeed's own entry point, so its hooks stay in place)."""
+    engine.compile()
+
+
+def build_optimizer(module, t: TrainConfig, on_gpu: bool):
+    """AdamW over `param_groups`; DeepSpeed's CPU Adam when ZeRO offloads the optimizer from a GPU."""
+    import torch
+
+    groups = param_groups(module, t.weight_decay)
     if t.offload_optimizer and on_gpu:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        optimizer = DeepSpeedCPUAdam(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, fused=on_gpu)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    if t.compile:
-        engine.compile()
-    return engine, hf_cfg, precision
+        return DeepSpeedCPUAdam(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.95), eps=1e-8, fused=on_gpu)
+
+
+def build_lr_scheduler(optimizer, t: TrainConfig):
+    """`lr_at` as a torch scheduler (a multiplier of train.lr), stepped by DeepSpeed once per optimizer step."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
 
 
 def lm_loss(engine, rows: np.ndarray, device):
@@ -148,67 +232,96 @@ def lm_loss(engine, rows: np.ndarray, device):
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
 
 
-def load_val(val_it, t, world: int) -> list[np.ndarray]:
-    """The val split (or its first `eval_batches` global batches), read once and kept: evaluation
+class ValBatches:
+    """The val split (or its first `eval_batches` global batches), read on first use and kept: evaluation
     then costs only the forward passes, not a Ray Data execution each time."""
-    tables = val_it.iter_batches(batch_size=t.shuffle_window, batch_format="pyarrow")
-    return list(itertools.islice(global_batches(map(table_rows, tables), world * t.micro_batch_size), t.eval_batches))
+
+    def __init__(self, iterator, t: TrainConfig, world: int):
+        self.iterator, self.t, self.world = iterator, t, world
+        self.batches: list[np.ndarray] | None = None
+
+    def get(self) -> list[np.ndarray]:
+        if self.batches is None:
+            tables = self.iterator.iter_batches(batch_size=self.t.shuffle_window, batch_format="pyarrow")
+            rows = global_batches(map(table_rows, tables), self.world * self.t.micro_batch_size)
+            self.batches = list(itertools.islice(rows, self.t.eval_batches))
+        return self.batches
 
 
-def evaluate(engine, val_batches: list[np.ndarray], t, rank: int, world: int, device) -> float:
+def maybe_evaluate(engine, val: ValBatches | None, step: int, run: RunContext) -> dict:
+    """{"val_loss": ...} on eval steps (every train.eval_every, and the last), else {}; collective."""
+    if val is None or not eval_due(step, run.train):
+        return {}
+    return {"val_loss": evaluate(engine, val.get(), run)}
+
+
+def evaluate(engine, val_batches: list[np.ndarray], run: RunContext) -> float:
     """Mean val loss over the cached val batches, all ranks together."""
     import torch
 
+    device = run.device
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in val_batches:
-            loss = lm_loss(engine, micro_slice(batch, 0, rank, world, t.micro_batch_size), device)
+            loss = lm_loss(engine, micro_slice(batch, 0, run.rank, run.world, run.train.micro_batch_size), device)
             total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
     engine.train()
     torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def save_checkpoint(engine, cfg: Config, config: dict, metrics: dict, rank: int, hf_cfg, precision: str, device, log) -> None:
-    """DeepSpeed's sharded checkpoint + this rank's RNG states; rank 0 adds what export needs.
+@contextmanager
+def maybe_checkpoint(engine, step: int, run: RunContext) -> Iterator[Any]:
+    """On checkpoint steps (every train.checkpoint_every, and the last) a ray.train.Checkpoint of this rank's
+    state, else None; its temp dir lives until the report that carries it returns. Collective.
 
-    Every rank reports its own temp dir; Ray Train merges them into one checkpoint in storage.
+    Every rank reports its own dir; Ray Train merges them into one checkpoint in storage.
     """
+    if not checkpoint_due(step, run.train):
+        yield None
+        return
     import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="bigray-ckpt-") as tmp:
+        save_checkpoint(engine, step, run, tmp)
+        yield ray.train.Checkpoint.from_directory(tmp)
+
+
+def save_checkpoint(engine, step: int, run: RunContext, out_dir: str) -> None:
+    """DeepSpeed's sharded checkpoint + this rank's RNG states into `out_dir`; rank 0 adds what export needs."""
     import torch
 
-    probe = torch.tensor([config["probe"]], device=device)
+    probe = torch.tensor([run.probe], device=run.device)
     with torch.no_grad():  # every rank runs it: under ZeRO-3 the forward pass is collective
         engine.eval()
         probe_logits = engine(input_ids=probe).logits.float().cpu()
         engine.train()
-    if log:
-        log.flush_tensorboard()
-    with tempfile.TemporaryDirectory(prefix="bigray-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=CKPT_TAG, client_state={"step": metrics["step"]})
-        os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-        torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank}.pt"))
-        if rank == 0:
-            hf_cfg.save_pretrained(os.path.join(tmp, "hf"))
-            storage.copy_dir(config["tokenizer_dir"], os.path.join(tmp, "tokenizer"), cfg.storage)
-            torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, os.path.join(tmp, "probe.pt"))
-            meta = {"step": metrics["step"], "precision": precision, "tag": CKPT_TAG, "zero_stage": cfg.train.zero_stage,
-                    "world_size": torch.distributed.get_world_size(), "run_dir": config["run_dir"]}
-            with open(os.path.join(tmp, "bigray.json"), "w") as f:
-                json.dump(meta, f)
-        ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if run.log:
+        run.log.flush_tensorboard()
+    engine.save_checkpoint(out_dir, tag=CKPT_TAG, client_state={"step": step})
+    os.makedirs(os.path.join(out_dir, "rng"), exist_ok=True)
+    torch.save(_rng_state(), os.path.join(out_dir, "rng", f"rank_{run.rank}.pt"))
+    if run.rank == 0:
+        run.hf_cfg.save_pretrained(os.path.join(out_dir, "hf"))
+        run.store.copy_dir(run.tokenizer_dir, os.path.join(out_dir, "tokenizer"))
+        torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, os.path.join(out_dir, "probe.pt"))
+        meta = {"step": step, "precision": run.precision, "tag": CKPT_TAG, "zero_stage": run.train.zero_stage,
+                "world_size": run.world, "run_dir": run.run_dir}
+        with open(os.path.join(out_dir, "bigray.json"), "w") as f:
+            json.dump(meta, f)
 
 
-def restore(engine, rank: int, resume_from: str | None = None, storage_cfg=None) -> int:
-    """Resume from Ray Train's latest checkpoint, else from `resume_from`, if any: weights, optimizer, scheduler, step, RNG."""
+def restore(engine, rank: int, resume_from: str | None, store: Store) -> int:
+    """Resume from Ray Train's latest checkpoint, else from `resume_from`, if any: weights, optimizer, scheduler,
+    step, RNG. Returns the step to continue after (0 for a fresh start)."""
     import ray.train
     import torch
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from:
         # This run has no checkpoint of its own yet: start from another run's (Tune's PBT exploit, a resumed trial).
-        fs, path = storage.filesystem(resume_from, storage_cfg)
+        fs, path = store.filesystem(resume_from)
         checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is None:
         return 0

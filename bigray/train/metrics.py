@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 
-from bigray import storage
+from bigray.storage import Store, join
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s; matched by substring of the device name, first hit wins.
 PEAK_FLOPS = [
@@ -44,12 +44,12 @@ class MetricsLog:
     replayed steps are not logged twice.
     """
 
-    def __init__(self, run_dir: str, resume_step: int, storage_cfg=None):
-        self.uri = storage.join(run_dir, "metrics.jsonl")
-        self.run_dir, self.storage_cfg = run_dir, storage_cfg
+    def __init__(self, run_dir: str, resume_step: int, store: Store):
+        self.uri = join(run_dir, "metrics.jsonl")
+        self.run_dir, self.store = run_dir, store
         self.records: list[dict] = []
-        if resume_step and storage.exists(self.uri, storage_cfg):
-            lines = storage.read_bytes(self.uri, storage_cfg).decode().splitlines()
+        if resume_step and store.exists(self.uri):
+            lines = store.read_text(self.uri).splitlines()
             self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
         self.tb_dir = tempfile.mkdtemp(prefix="bigray-tb-")
         from torch.utils.tensorboard import SummaryWriter
@@ -65,14 +65,19 @@ class MetricsLog:
 
     def flush_jsonl(self) -> None:
         body = "".join(json.dumps(r) + "\n" for r in self.records).encode()
-        storage.write_bytes(self.uri, body, self.storage_cfg)
+        self.store.write_bytes(self.uri, body)
 
     def flush_tensorboard(self) -> None:
         self.tb.flush()
-        storage.copy_dir(self.tb_dir, storage.join(self.run_dir, "tensorboard"), self.storage_cfg)
+        self.store.copy_dir(self.tb_dir, join(self.run_dir, "tensorboard"))
 
 
-def plot(records: list[dict], out_uri: str, storage_cfg=None) -> None:
+def read_records(run_dir: str, store: Store) -> list[dict]:
+    """The run's metrics.jsonl, one dict per logged step."""
+    return [json.loads(line) for line in store.read_text(join(run_dir, "metrics.jsonl")).splitlines() if line]
+
+
+def plot(records: list[dict], out_uri: str, store: Store) -> None:
     """loss.png: train and val loss, learning rate and tokens/s against step."""
     import matplotlib
 
@@ -90,10 +95,10 @@ def plot(records: list[dict], out_uri: str, storage_cfg=None) -> None:
     axes[1].set(title="learning rate", xlabel="step")
     axes[2].plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
     axes[2].set(title="tokens/s (global)", xlabel="step")
-    write_figure(fig, out_uri, storage_cfg)
+    write_figure(fig, out_uri, store)
 
 
-def write_figure(fig, out_uri: str, storage_cfg=None) -> None:
+def write_figure(fig, out_uri: str, store: Store) -> None:
     """Save a matplotlib figure as PNG to a local path or s3:// URI, and close it."""
     import io
 
@@ -103,4 +108,4 @@ def write_figure(fig, out_uri: str, storage_cfg=None) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    storage.write_bytes(out_uri, buf.getvalue(), storage_cfg)
+    store.write_bytes(out_uri, buf.getvalue())

@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import json
 
-from bigray import storage
-from bigray.config import ModelConfig, StorageConfig
+from bigray.config import ModelConfig
 from bigray.errors import ConfigError
+from bigray.storage import Store, join
 
 # Shapes of public models of these sizes (125m/350m: GPT-3 paper table; 1b: Llama-3.2-1B; 8b: Llama-3-8B).
 PRESETS: dict[str, dict] = {
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, intermediate_size=192, tie_word_embeddings=True),
-    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12, intermediate_size=2048, tie_word_embeddings=True),
-    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, intermediate_size=2816, tie_word_embeddings=True),
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
-               tie_word_embeddings=True, rope_theta=500000.0),
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
-               tie_word_embeddings=False, rope_theta=500000.0),
+    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                 intermediate_size=192, tie_word_embeddings=True),
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
+                 intermediate_size=2048, tie_word_embeddings=True),
+    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                 intermediate_size=2816, tie_word_embeddings=True),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, tie_word_embeddings=True, rope_theta=500000.0),
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, tie_word_embeddings=False, rope_theta=500000.0),
 }
 
 
 def model_config(model: ModelConfig, vocab_size: int, seq_len: int, eos_id: int, pretrained_dir: str | None = None):
-    """The HF config to build: the pretrained dir's own (a local copy of `model.pretrained`), or a LlamaConfig for the preset."""
+    """The HF config to build: the pretrained dir's own (a local copy of `model.pretrained`), else the preset's."""
     from transformers import AutoConfig, LlamaConfig
 
     if pretrained_dir:
@@ -30,20 +33,20 @@ def model_config(model: ModelConfig, vocab_size: int, seq_len: int, eos_id: int,
         except (OSError, ValueError) as exc:
             raise ConfigError(f"model.pretrained: {model.pretrained} is not an HF model dir ({exc})") from None
     return LlamaConfig(
-        vocab_size=vocab_size, max_position_embeddings=seq_len, bos_token_id=eos_id, eos_token_id=eos_id, pad_token_id=eos_id,
-        rms_norm_eps=1e-5, initializer_range=0.02, attention_dropout=0.0, **PRESETS[model.preset],
+        vocab_size=vocab_size, max_position_embeddings=seq_len, bos_token_id=eos_id, eos_token_id=eos_id,
+        pad_token_id=eos_id, rms_norm_eps=1e-5, initializer_range=0.02, attention_dropout=0.0, **PRESETS[model.preset],
     )
 
 
-def pretrained_vocab(model: ModelConfig, storage_cfg: StorageConfig | None = None) -> int | None:
+def pretrained_vocab(model: ModelConfig, store: Store) -> int | None:
     """vocab_size from a pretrained dir's config.json, read without loading weights, so the driver can
     refuse a vocab smaller than the tokenizer's before any worker starts."""
     if not model.pretrained:
         return None
-    path = storage.join(model.pretrained, "config.json")
-    if not storage.exists(path, storage_cfg):
+    path = join(model.pretrained, "config.json")
+    if not store.exists(path):
         raise ConfigError(f"model.pretrained: {model.pretrained} has no config.json")
-    return json.loads(storage.read_bytes(path, storage_cfg))["vocab_size"]
+    return json.loads(store.read_bytes(path))["vocab_size"]
 
 
 def build_model(hf_config, pretrained_dir: str | None = None, dtype=None):
@@ -54,7 +57,8 @@ def build_model(hf_config, pretrained_dir: str | None = None, dtype=None):
 
     kwargs = dict(attn_implementation="sdpa", dtype=dtype or torch.float32)
     if pretrained_dir:
-        return AutoModelForCausalLM.from_pretrained(pretrained_dir, config=hf_config, local_files_only=True, use_safetensors=True, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(pretrained_dir, config=hf_config, local_files_only=True,
+                                                    use_safetensors=True, **kwargs)
     return AutoModelForCausalLM.from_config(hf_config, **kwargs)
 
 

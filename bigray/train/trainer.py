@@ -2,104 +2,202 @@
 
 from __future__ import annotations
 
-import json
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
-from bigray import storage
-from bigray.config import Config, require
+from ray.train import UserCallback
+
+from bigray.config import Config, ModelConfig, TrainConfig, require
 from bigray.data import load_split, read_manifest
 from bigray.errors import BigrayError, ConfigError
 from bigray.runtime import init_ray
-from bigray.train.export import export
+from bigray.storage import Store, join
+from bigray.train.export import ExportResult, export
 from bigray.train.loop import PROBE_TOKENS, train_func
-from bigray.train.metrics import plot
+from bigray.train.metrics import plot, read_records
 from bigray.train.model import pretrained_vocab
 
 
-def plan(cfg: Config) -> dict:
+@dataclass(frozen=True)
+class RunPlan:
+    """A training run resolved and checked before any worker starts: what `trainer` builds from."""
+
+    train: TrainConfig
+    model: ModelConfig
+    store: Store
+    manifest: dict
+    root: str  # the prepared data's directory (holds manifest.json)
+    storage_path: str
+    run_name: str
+    run_dir: str
+    has_val: bool  # the val split fills at least one global batch
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What `bigray train` produced: the run dir, every logged metrics record, the export if any."""
+
+    run_dir: str
+    records: list[dict] = field(repr=False)
+    export: ExportResult | None
+    wall_s: float
+
+    @property
+    def first(self) -> dict:
+        return self.records[0] if self.records else {}
+
+    @property
+    def last(self) -> dict:
+        return self.records[-1] if self.records else {}
+
+
+def plan_run(cfg: Config) -> RunPlan:
     """Everything checked and resolved before any worker starts."""
-    t = cfg.train
+    t, store = cfg.train, Store(cfg.storage)
     manifest_uri = t.data or require(cfg.data.output, "train.data (or data.output)", "train")
     storage_path = require(t.storage_path, "train.storage_path", "train")
-    manifest, root = read_manifest(manifest_uri, cfg.storage)
+    manifest, root = read_manifest(manifest_uri, store)
     vocab = manifest["tokenizer"]["vocab_size"]
-    if (pre_vocab := pretrained_vocab(cfg.model, cfg.storage)) is not None and pre_vocab < vocab:
-        raise ConfigError(f"model.pretrained: vocab_size {pre_vocab} is smaller than the tokenizer's {vocab} ({manifest_uri})")
+    if (pre_vocab := pretrained_vocab(cfg.model, store)) is not None and pre_vocab < vocab:
+        raise ConfigError(f"model.pretrained: vocab_size {pre_vocab} is smaller than the tokenizer's {vocab} "
+                          f"({manifest_uri})")
     rows_per_step = t.num_workers * t.micro_batch_size * t.grad_accum_steps
     train_rows = manifest["splits"]["train"]["rows"]
     if train_rows < rows_per_step:
         raise ConfigError(f"train split of {manifest_uri} has {train_rows} rows, fewer than one global batch "
-                          f"(num_workers {t.num_workers} x micro_batch_size {t.micro_batch_size} x grad_accum_steps {t.grad_accum_steps})")
-    run_name = t.run_name or f"bigray-{cfg.model.preset if not cfg.model.pretrained else 'finetune'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return {"manifest": manifest, "root": root, "storage_path": storage_path, "run_name": run_name,
-            "run_dir": storage.join(storage_path, run_name), "has_val": manifest["splits"]["val"]["rows"] >= t.num_workers * t.micro_batch_size}
+                          f"(num_workers {t.num_workers} x micro_batch_size {t.micro_batch_size} "
+                          f"x grad_accum_steps {t.grad_accum_steps})")
+    kind = cfg.model.preset if not cfg.model.pretrained else "finetune"
+    run_name = t.run_name or f"bigray-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return RunPlan(train=t, model=cfg.model, store=store, manifest=manifest, root=root, storage_path=storage_path,
+                   run_name=run_name, run_dir=join(storage_path, run_name),
+                   has_val=manifest["splits"]["val"]["rows"] >= t.num_workers * t.micro_batch_size)
 
 
-def _probe(root: str, manifest: dict, storage_cfg) -> list[int]:
+def probe_tokens(run: RunPlan) -> list[int]:
     """A fixed short input whose logits each checkpoint stores, so export can prove it matches the engine."""
     import pyarrow.parquet as pq
 
-    split = "val" if manifest["splits"]["val"]["rows"] else "train"
-    fs, path = storage.filesystem(storage.join(root, manifest["splits"][split]["shards"][0]["path"]), storage_cfg)
+    split = "val" if run.manifest["splits"]["val"]["rows"] else "train"
+    fs, path = run.store.filesystem(join(run.root, run.manifest["splits"][split]["shards"][0]["path"]))
     with fs.open_input_file(path) as f:
         first = pq.ParquetFile(f).read_row_group(0, columns=["tokens"]).column("tokens")[0].as_py()
     return first[:PROBE_TOKENS]
 
 
-def trainer(cfg: Config, p: dict, name: str | None = None, resume_from: str | None = None, callbacks: list | None = None,
+def trainer(run: RunPlan, name: str | None = None, resume_from: str | None = None, callbacks: list | None = None,
             checkpoint_config=None):
-    """The TorchTrainer for this config (also what `bigray tune` runs in each trial).
+    """The TorchTrainer for this run (also what `bigray tune` runs in each trial).
 
-    `resume_from`: a checkpoint URI (another run's, e.g. a PBT exploit) to start from when this run has none of its own.
-    `checkpoint_config`: a ray.train.CheckpointConfig instead of one keeping train.keep_checkpoints.
+    `resume_from`: a checkpoint URI (another run's, e.g. a PBT exploit) to start from when this run has none of
+    its own. `checkpoint_config`: a ray.train.CheckpointConfig instead of one keeping train.keep_checkpoints.
     """
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    t = cfg.train
-    datasets = {"train": load_split(p["root"], "train", cfg.storage)}
-    if p["has_val"]:
-        datasets["val"] = load_split(p["root"], "val", cfg.storage)
-    fs, path = storage.filesystem(p["storage_path"], cfg.storage)
+    t, store = run.train, run.store
+    datasets = {"train": load_split(run.root, "train", store)}
+    if run.has_val:
+        datasets["val"] = load_split(run.root, "val", store)
+    fs, path = store.filesystem(run.storage_path)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.resources_per_worker}
     return TorchTrainer(
         train_func,
+        # Sections as JSON plus the Store: the worker gets what it needs, not the whole config tree.
         train_loop_config={
-            "cfg": cfg.model_dump(mode="json"), "manifest": p["manifest"], "run_dir": p["run_dir"], "datasets": sorted(datasets),
-            "tokenizer_dir": storage.join(p["root"], p["manifest"]["tokenizer"]["path"]), "probe": _probe(p["root"], p["manifest"], cfg.storage),
+            "train": t.model_dump(mode="json"), "model": run.model.model_dump(mode="json"), "store": store,
+            "manifest": run.manifest, "run_dir": run.run_dir, "datasets": sorted(datasets),
+            "tokenizer_dir": join(run.root, run.manifest["tokenizer"]["path"]), "probe": probe_tokens(run),
             "resume_from": resume_from,
         },
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
-                                               placement_strategy=t.placement_strategy),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources, placement_strategy=t.placement_strategy),
         run_config=ray.train.RunConfig(
-            name=name or p["run_name"], storage_path=path, storage_filesystem=fs,
+            name=name or run.run_name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks,
         ),
         datasets=datasets,
         # Not split: every worker streams the whole split in the same preserved order and takes
-        # its slice of each global batch (bigray/train/data.py), which makes resume exact.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)),
+        # its slice of each global batch (bigray/train/batches.py), which makes resume exact.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
     )
 
 
-def train(cfg: Config) -> dict:
-    """Run `bigray train`; returns the run dir, final metrics and export facts."""
+class ForwardReports(UserCallback):
+    """Runs in the Ray Train controller: puts rank 0's metrics of every report on a queue the driver reads."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(metrics[0])
+
+
+@contextmanager
+def live_reports(progress: Callable[[dict], None] | None) -> Iterator[list | None]:
+    """Train callbacks that feed `progress` each report while fit() runs; all are delivered when this exits.
+
+    `progress` runs on a driver thread of its own, one record at a time in report order.
+    """
+    if progress is None:
+        yield None
+        return
+    from ray.util.queue import Empty, Queue
+
+    # Unbounded: the callback runs on the controller's event loop, which a put waiting for room would stall.
+    queue = Queue(actor_options={"num_cpus": 0})
+    done, failed = threading.Event(), []
+
+    def pump():
+        while True:
+            try:
+                record = queue.get(timeout=0.2)
+            except Empty:
+                if done.is_set():  # fit() returned: every report is already in the queue
+                    return
+                continue
+            try:
+                progress(record)
+            except Exception as exc:  # noqa: BLE001 - raised on the driver once training is over
+                failed.append(exc)
+                return
+
+    thread = threading.Thread(target=pump, name="bigray-progress", daemon=True)
+    thread.start()
+    try:
+        yield [ForwardReports(queue)]
+    finally:
+        done.set()
+        thread.join()
+        queue.shutdown()
+    if failed:
+        raise failed[0]
+
+
+def train(cfg: Config, progress: Callable[[dict], None] | None = None) -> TrainResult:
+    """Run `bigray train`. `progress`, if given, is called with each metrics record (as reported to Ray Train:
+    metrics.jsonl's record without its None fields) while the run goes on; after a worker restart it sees the
+    replayed steps again."""
     import ray.data
 
-    p = plan(cfg)
+    run = plan_run(cfg)
     init_ray(cfg.ray)
     # Workers each run their own Ray Data stream; their progress bars would interleave into noise.
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
-    result = trainer(cfg, p).fit()
+    with live_reports(progress) as callbacks:
+        result = trainer(run, callbacks=callbacks).fit()
     if result.error:
-        raise BigrayError(f"training failed after {cfg.train.max_failures} restarts: {result.error}") from result.error
-    records = [json.loads(line) for line in storage.read_bytes(storage.join(p["run_dir"], "metrics.jsonl"), cfg.storage).decode().splitlines() if line]
-    plot(records, storage.join(p["run_dir"], "loss.png"), cfg.storage)
-    exported = export(p["run_dir"], storage.join(p["run_dir"], "export"), storage_cfg=cfg.storage) if cfg.train.export else None
-    return {"run_dir": p["run_dir"], "metrics": records[-1] if records else {}, "first": records[0] if records else {},
-            "export": exported, "wall_s": time.perf_counter() - start}
+        raise BigrayError(f"training failed after {run.train.max_failures} restarts: {result.error}") from result.error
+    records = read_records(run.run_dir, run.store)
+    plot(records, join(run.run_dir, "loss.png"), run.store)
+    exported = export(run.run_dir, join(run.run_dir, "export"), run.store) if run.train.export else None
+    return TrainResult(run_dir=run.run_dir, records=records, export=exported, wall_s=time.perf_counter() - start)

@@ -5,15 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
-from bigray.config import TrainConfig
-
-
-def merge(base: dict, update: dict) -> dict:
-    """Recursive dict merge; `update` wins. Used for `train.deepspeed`, merged last."""
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
-    return out
+from bigray.config import TrainConfig, deep_merge
 
 
 def deepspeed_config(t: TrainConfig, world_size: int, precision: str, on_gpu: bool) -> dict:
@@ -25,7 +17,8 @@ def deepspeed_config(t: TrainConfig, world_size: int, precision: str, on_gpu: bo
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if t.zero_stage == 3:
-        zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5, stage3_max_live_parameters=1e9)
+        zero.update(stage3_prefetch_bucket_size=5e7, stage3_param_persistence_threshold=1e5,
+                    stage3_max_live_parameters=1e9)
         if t.offload_params:
             zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     cfg = {
@@ -36,7 +29,8 @@ def deepspeed_config(t: TrainConfig, world_size: int, precision: str, on_gpu: bo
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         # Dynamic loss scaling (loss_scale 0) so fp16 gradients neither overflow nor vanish.
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
         # bigray logs its own metrics; DeepSpeed's prints would only duplicate them.
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
@@ -45,7 +39,8 @@ def deepspeed_config(t: TrainConfig, world_size: int, precision: str, on_gpu: bo
         # Each node writes its own shards: checkpoints go to node-local temp dirs that Ray Train uploads.
         "checkpoint": {"use_node_local_storage": True},
     }
-    return merge(cfg, t.deepspeed)
+    # A copy: DeepSpeed and HfDeepSpeedConfig may fill in the dict they get; the config keeps its own.
+    return deep_merge(cfg, copy.deepcopy(t.deepspeed))
 
 
 def resolve_precision(requested: str, on_gpu: bool, bf16_ok: bool) -> str:

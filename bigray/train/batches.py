@@ -51,7 +51,26 @@ def micro_slice(batch: np.ndarray, micro_step: int, rank: int, world: int, micro
     return batch[start : start + micro_batch]
 
 
-def epoch_batches(iterator, window: int, seed: int, epoch: int, rows_per_batch: int, skip: int = 0) -> Iterator[np.ndarray]:
+def epoch_batches(iterator, window: int, seed: int, epoch: int, rows_per_batch: int,
+                  skip: int = 0) -> Iterator[np.ndarray]:
     """Global batches of one epoch from a Ray Data iterator (`get_dataset_shard`)."""
     tables = iterator.iter_batches(batch_size=window, batch_format="pyarrow", prefetch_batches=2)
     return global_batches(shuffled_rows(tables, seed, epoch), rows_per_batch, skip)
+
+
+def train_batches(iterator, window: int, seed: int, rows_per_batch: int, steps_per_epoch: int, start_step: int,
+                  max_steps: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(step, epoch, global batch) for steps start_step + 1 .. max_steps, epoch after epoch.
+
+    Resuming at `start_step` skips the global batches its epoch already consumed, so the run sees the
+    very batches an uninterrupted one would.
+    """
+    step = start_step
+    epoch, skip = divmod(step, steps_per_epoch)
+    while step < max_steps:
+        for batch in epoch_batches(iterator, window, seed, epoch, rows_per_batch, skip):
+            step += 1
+            yield step, epoch, batch
+            if step >= max_steps:
+                return
+        epoch, skip = epoch + 1, 0

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from bigray import storage
 from bigray.config import load_config
+from bigray.storage import Store
+from bigray.train.metrics import read_records
 
 
 @pytest.fixture
@@ -18,7 +17,8 @@ def two_nodes(shards):
     from tests.conftest import start_local_ray
 
     ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False})
+    head = {"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     ray.init(address=cluster.address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -37,10 +37,11 @@ def test_one_worker_per_node(two_nodes, shards, tmp_path):
     cfg = load_config(overrides=[
         f"data.output={shards}", f"train.storage_path={tmp_path}", "train.run_name=two-nodes", "train.num_workers=2",
         "train.placement_strategy=STRICT_SPREAD", "train.precision=fp32", "train.max_steps=10", "train.log_every=5",
-        "train.eval_every=10", "train.checkpoint_every=10", "train.warmup_steps=2", "train.lr=3e-3", "train.min_lr=3e-4",
+        "train.eval_every=10", "train.checkpoint_every=10", "train.warmup_steps=2", "train.lr=3e-3",
+        "train.min_lr=3e-4",
         "train.max_failures=0",
     ])
     out = train(cfg)
-    records = [json.loads(line) for line in storage.read_bytes(storage.join(out["run_dir"], "metrics.jsonl")).decode().splitlines()]
+    records = read_records(out.run_dir, Store())
     assert [r["step"] for r in records] == [5, 10] and "val_loss" in records[-1]
-    assert out["export"]["step"] == 10
+    assert out.export.step == 10

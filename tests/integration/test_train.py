@@ -6,7 +6,6 @@ uninterrupted run for the killed-worker resume.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -15,20 +14,23 @@ import time
 import numpy as np
 import pytest
 
-from bigray import storage
 from bigray.config import load_config
 from bigray.errors import ConfigError
+from bigray.storage import Store, join
+from bigray.train.metrics import read_records
 
 TINY = ["train.num_workers=2", "train.micro_batch_size=4", "train.precision=fp32", "train.lr=3e-3", "train.min_lr=3e-4",
         "train.warmup_steps=5", "train.log_every=5", "train.max_failures=0"]
+STORE = Store()  # S3 through AWS_ENDPOINT_URL, which the s3 fixture sets
 
 
 def run_cfg(shards, storage_path, run_name, *extra):
-    return load_config(overrides=[f"data.output={shards}", f"train.storage_path={storage_path}", f"train.run_name={run_name}", *TINY, *extra])
+    return load_config(overrides=[f"data.output={shards}", f"train.storage_path={storage_path}",
+                                  f"train.run_name={run_name}", *TINY, *extra])
 
 
 def metrics_of(run_dir):
-    return [json.loads(line) for line in storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()]
+    return read_records(run_dir, STORE)
 
 
 def hf_logits_match_probe(export_dir, run_dir, s3=None):
@@ -38,11 +40,11 @@ def hf_logits_match_probe(export_dir, run_dir, s3=None):
 
     from bigray.train.export import latest_checkpoint
 
-    local = storage.local_dir(export_dir)
+    local = STORE.local_dir(export_dir)
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(os.listdir(local))
     model = AutoModelForCausalLM.from_pretrained(local, local_files_only=True, dtype=torch.float32).eval()
     assert AutoTokenizer.from_pretrained(local, local_files_only=True).eos_token_id is not None
-    probe = torch.load(os.path.join(storage.local_dir(latest_checkpoint(run_dir)), "probe.pt"), weights_only=True)
+    probe = torch.load(os.path.join(STORE.local_dir(latest_checkpoint(run_dir, STORE)), "probe.pt"), weights_only=True)
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)  # fp32 engine: only kernel-order noise
@@ -51,38 +53,56 @@ def hf_logits_match_probe(export_dir, run_dir, s3=None):
 
 @pytest.fixture(scope="module")
 def reference_run(shards, s3):
-    """ZeRO-2, 2 workers, everything in S3: the uninterrupted run other tests compare with."""
+    """ZeRO-2, 2 workers, everything in S3: the uninterrupted run other tests compare with.
+
+    Its live progress is recorded too: each record with the last step metrics.jsonl held when it arrived.
+    """
     from bigray.train.trainer import train
 
     cfg = run_cfg(shards, s3.uri("runs"), "zero2", "train.zero_stage=2", "train.max_steps=60", "train.eval_every=20",
                   "train.checkpoint_every=20", "train.keep_checkpoints=2", "train.micro_batch_size=8")
-    return cfg, train(cfg)
+    run_dir = join(cfg.train.storage_path, "zero2")
+    arrived = []
+    out = train(cfg, progress=lambda record: arrived.append((record, metrics_of(run_dir)[-1]["step"])))
+    return cfg, out, arrived
 
 
 def test_zero2_on_s3_writes_metrics_checkpoints_and_export(reference_run, s3):
-    cfg, out = reference_run
-    records = metrics_of(out["run_dir"])
+    cfg, out, _ = reference_run
+    records = metrics_of(out.run_dir)
     assert [r["step"] for r in records] == list(range(5, 61, 5))
     assert records[-1]["loss"] < records[0]["loss"] - 0.5, "loss must fall visibly"
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_worker", "mfu", "step_time_s", "memory_gb"} <= set(records[-1])
+    logged = {"loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_worker", "mfu", "step_time_s", "memory_gb"}
+    assert logged <= set(records[-1])
     assert [r["step"] for r in records if "val_loss" in r] == [20, 40, 60]
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="runs/zero2/")["Contents"]}
     checkpoints = {k.split("/")[2] for k in keys if k.split("/")[2].startswith("checkpoint_") and k.count("/") > 2}
     assert len(checkpoints) == 2, "keep_checkpoints=2 keeps the newest two of three"
-    assert any(k.endswith("/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys), "both ranks' ZeRO shards are in the checkpoint"
+    assert any(k.endswith("/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys), \
+        "both ranks' ZeRO shards are in the checkpoint"
     assert "runs/zero2/loss.png" in keys and any("tensorboard/events.out.tfevents" in k for k in keys)
-    assert out["export"]["step"] == 60
-    hf_logits_match_probe(out["export"]["out_dir"], out["run_dir"])
+    assert out.records == records and out.export.step == 60
+    hf_logits_match_probe(out.export.out_dir, out.run_dir)
+
+
+def test_progress_sees_every_record_while_the_run_goes_on(reference_run):
+    """`train(cfg, progress)` gets each metrics record as Ray Train reports it, not after fit() returns."""
+    _, out, arrived = reference_run
+    assert [record for record, _ in arrived] == [{k: v for k, v in r.items() if v is not None} for r in out.records]
+    # When the first record (step 5) reached the driver, the workers had not logged much past it: the run was
+    # still going, 55 steps and three checkpoints from its end.
+    first_record, logged_then = arrived[0]
+    assert first_record["step"] == 5 and logged_then < 60, arrived[:3]
 
 
 def test_zero3_local_storage(shards, tmp_path):
     from bigray.train.trainer import train
 
-    out = train(run_cfg(shards, str(tmp_path), "zero3", "train.zero_stage=3", "train.max_steps=20", "train.eval_every=10",
-                        "train.checkpoint_every=10"))
-    records = metrics_of(out["run_dir"])
+    out = train(run_cfg(shards, str(tmp_path), "zero3", "train.zero_stage=3", "train.max_steps=20",
+                        "train.eval_every=10", "train.checkpoint_every=10"))
+    records = metrics_of(out.run_dir)
     assert records[-1]["step"] == 20 and records[-1]["loss"] < records[0]["loss"]
-    hf_logits_match_probe(out["export"]["out_dir"], out["run_dir"])
+    hf_logits_match_probe(out.export.out_dir, out.run_dir)
 
 
 def test_finetune_from_non_llama_pretrained_dir(shards, tmp_path):
@@ -91,10 +111,11 @@ def test_finetune_from_non_llama_pretrained_dir(shards, tmp_path):
     from bigray.train.trainer import train
 
     pretrained = tmp_path / "gpt2-tiny"
-    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4)).save_pretrained(pretrained)
+    gpt2 = GPT2Config(vocab_size=512, n_positions=128, n_embd=64, n_layer=2, n_head=4)
+    GPT2LMHeadModel(gpt2).save_pretrained(pretrained)
     out = train(run_cfg(shards, str(tmp_path / "runs"), "ft", f"model.pretrained={pretrained}", "train.max_steps=10",
                         "train.eval_every=10", "train.checkpoint_every=10"))
-    model = hf_logits_match_probe(out["export"]["out_dir"], out["run_dir"])
+    model = hf_logits_match_probe(out.export.out_dir, out.run_dir)
     assert type(model).__name__ == "GPT2LMHeadModel"
 
 
@@ -104,9 +125,10 @@ def test_killed_worker_resumes_exactly(reference_run, shards, s3, ray_cluster):
 
     from bigray.train.trainer import train
 
-    ref_cfg, ref = reference_run
-    cfg = ref_cfg.model_copy(update={"train": ref_cfg.train.model_copy(update={"run_name": "killed", "max_failures": 2})})
-    run_dir = storage.join(ref_cfg.train.storage_path, "killed")
+    ref_cfg, ref, _ = reference_run
+    killed_train = ref_cfg.train.model_copy(update={"run_name": "killed", "max_failures": 2})
+    cfg = ref_cfg.model_copy(update={"train": killed_train})
+    run_dir = join(ref_cfg.train.storage_path, "killed")
     killed = {}
 
     def killer():
@@ -116,7 +138,8 @@ def test_killed_worker_resumes_exactly(reference_run, shards, s3, ray_cluster):
                 steps = [r["step"] for r in metrics_of(run_dir)]
                 if steps and steps[-1] >= 25:
                     # Ray titles actor processes "ray::<Class>..."; kill the first training worker found.
-                    workers = [p.pid for p in psutil.process_iter(["cmdline"]) if any("ray::RayTrainWorker" in c for c in p.info["cmdline"] or [])]
+                    workers = [p.pid for p in psutil.process_iter(["cmdline"])
+                               if any("ray::RayTrainWorker" in c for c in p.info["cmdline"] or [])]
                     os.kill(workers[0], signal.SIGKILL)
                     killed["at_step"] = steps[-1]
             except OSError:  # metrics.jsonl not written yet
@@ -130,12 +153,13 @@ def test_killed_worker_resumes_exactly(reference_run, shards, s3, ray_cluster):
     out = train(cfg)
     thread.join(timeout=5)
     assert 25 <= killed.get("at_step", 0) < 60, f"the worker must be killed mid-run (killed: {killed})"
-    records, reference = metrics_of(out["run_dir"]), metrics_of(ref["run_dir"])
+    records, reference = metrics_of(out.run_dir), metrics_of(ref.run_dir)
     assert [r["step"] for r in records] == [r["step"] for r in reference] and records[-1]["step"] == 60
     # fp32 on CPU with gloo: same init, same data order (replayed from the checkpoint's step), same
     # reduction order, so the resumed run is the uninterrupted one up to float summation noise.
     np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in reference], rtol=1e-5)
-    np.testing.assert_allclose([r["val_loss"] for r in records if "val_loss" in r], [r["val_loss"] for r in reference if "val_loss" in r], rtol=1e-5)
+    np.testing.assert_allclose([r["val_loss"] for r in records if "val_loss" in r],
+                               [r["val_loss"] for r in reference if "val_loss" in r], rtol=1e-5)
 
 
 # --- config errors: all raised before any worker starts ----------------------------------------
@@ -155,11 +179,11 @@ def test_inconsistent_settings_fail_at_load(override, message):
 def test_small_pretrained_vocab_and_too_few_rows_fail_before_workers(shards, tmp_path):
     from transformers import GPT2Config
 
-    from bigray.train.trainer import plan
+    from bigray.train.trainer import plan_run
 
     small = tmp_path / "small-vocab"
     GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=2).save_pretrained(small)
     with pytest.raises(ConfigError, match="vocab_size 100 is smaller than the tokenizer's 512"):
-        plan(run_cfg(shards, str(tmp_path), "x", f"model.pretrained={small}"))
+        plan_run(run_cfg(shards, str(tmp_path), "x", f"model.pretrained={small}"))
     with pytest.raises(ConfigError, match="fewer than one global batch"):
-        plan(run_cfg(shards, str(tmp_path), "x", "train.micro_batch_size=100000"))
+        plan_run(run_cfg(shards, str(tmp_path), "x", "train.micro_batch_size=100000"))
