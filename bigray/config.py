@@ -127,7 +127,9 @@ class TuneConfig(Section):
 class AutoscalingConfig(Section):
     min_replicas: int = Field(1, ge=0, description="replicas kept when idle (0 scales to zero)")
     max_replicas: int = Field(1, ge=1, description="upper bound on replicas")
-    target_ongoing_requests: float = Field(2.0, gt=0, description="in-flight requests per replica Serve scales towards")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="in-flight requests per replica Serve scales towards; null: serve.max_batch_size"
+    )
 
 
 class ServeConfig(Section):
@@ -138,17 +140,60 @@ class ServeConfig(Section):
     autoscaling: AutoscalingConfig | None = Field(None, description="Serve autoscaling; null: num_replicas")
     max_batch_size: int = Field(16, ge=1, description="requests batched together")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="how long a batch waits to fill")
-    api_key: str | None = Field(None, description='when set, requests need "Authorization: Bearer <key>"; "${NAME}" / "env:NAME" read the environment')
-    engine: Literal["hf", "vllm"] = Field("hf", description="hf: bigray's batched HF engine (CPU or GPU); vllm: ray.serve.llm on GPU clusters")
-    model_name: str | None = Field(None, description="id clients pass as `model`; null: the model dir's name (its parent's for .../export)")
+    api_key: str | None = Field(
+        None,
+        description='when set, requests need "Authorization: Bearer <key>"; "${NAME}" / "env:NAME": from the env',
+    )
+    engine: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: bigray's batched HF engine (CPU or GPU); vllm: ray.serve.llm on GPU clusters"
+    )
+    model_name: str | None = Field(
+        None, description="id clients pass as `model`; null: the model dir's name (its parent's for .../export)"
+    )
     num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica (also torch's intra-op threads)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction) per replica; > 0 runs the model on CUDA")
-    max_ongoing_requests: int = Field(64, ge=1, description="requests one replica holds at once (Serve's limit); keep >= max_batch_size")
-    max_queued_requests: int = Field(-1, ge=-1, description="requests waiting for a replica before Serve answers 503; -1: unlimited")
-    max_n: int = Field(16, ge=1, description="largest `n` (choices per prompt) a request may ask for")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="auto: float32 on CPU, bfloat16 on GPU")
-    accelerator_type: str | None = Field(None, description="vllm engine: Ray accelerator type per replica, e.g. A10G, H100")
-    vllm: dict[str, Any] = Field(default_factory=dict, description="vllm engine: raw LLMConfig fields merged last (engine_kwargs, runtime_env, ...)")
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="requests one replica holds at once (Serve's limit); keep >= max_batch_size"
+    )
+    max_queued_requests: int = Field(
+        128, ge=-1, description="requests waiting for a replica before Serve answers 503; -1: unlimited"
+    )
+    max_n: int = Field(16, ge=1, description="most sequences one request may ask for: prompts in its list times `n`")
+    max_body_bytes: int = Field(
+        1 << 20, ge=1024, description="largest request body; bigger ones get 413 before they are parsed"
+    )
+    max_waiting: int = Field(
+        256, ge=1, description="sequences queued in a replica's engine before new requests get 503 + Retry-After"
+    )
+    request_timeout_s: float | None = Field(
+        600.0, gt=0, description="a request still generating after this gets 504 (its rows freed); null: none"
+    )
+    kv_token_budget: int | None = Field(
+        None,
+        ge=1,
+        description="KV-cache tokens a replica admits (sum of prompt + max_tokens per sequence); null: batch x context",
+    )
+    prefill_chunk_tokens: int = Field(
+        512, ge=16,
+        description="prompt tokens (rows x columns) prefilled per engine step, so long prompts never stall streams",
+    )
+    step_timeout_s: float = Field(
+        120.0, gt=0,
+        description="an engine step running longer than this fails the health check (Serve replaces the replica)",
+    )
+    max_consecutive_failures: int = Field(
+        3, ge=1, description="engine steps failing in a row before the health check fails"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: float32 on CPU, bfloat16 on GPU"
+    )
+    accelerator_type: str | None = Field(
+        None, description="vllm engine: Ray accelerator type per replica, e.g. A10G, H100"
+    )
+    vllm: dict[str, Any] = Field(
+        default_factory=dict,
+        description="vllm engine: raw LLMConfig fields merged last (engine_kwargs, runtime_env, ...)",
+    )
 
     @model_validator(mode="after")
     def _consistent_serve(self) -> ServeConfig:

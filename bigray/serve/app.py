@@ -6,8 +6,11 @@ replica down. Bodies are parsed by hand (not as FastAPI body parameters) so that
 checked before anything about the request is looked at.
 """
 
+import asyncio
+import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import time
@@ -18,9 +21,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 
-from bigray.serve.engine import Engine, SamplingParams, request_id
+from bigray.config import ServeConfig
+from bigray.errors import ConfigError
+from bigray.serve.engine import Engine, Overloaded, SamplingParams, Unhealthy, request_id
+from bigray.serve.metrics import EngineMetrics, ServeMetrics
+from bigray.storage import Store
 
 api = FastAPI(title="bigray serve")
+log = logging.getLogger("bigray.serve")
+# One replica per process: the exception handlers (module level, like `api`) count errors through this.
+_metrics: EngineMetrics = EngineMetrics()
+MAX_STOP_CHARS = 256
 
 # The default chat prompt for tokenizers without a chat template (bigray's own BPE has none): one
 # "<role>: <content>" line per message, then "assistant:" for the model to continue.
@@ -31,24 +42,41 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
-def error_response(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status)
+def error_response(
+    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}, status_code=status
+    )
 
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+    _metrics.error(exc.code or exc.type)
+    response = error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+    if exc.status == 503:
+        response.headers["Retry-After"] = str(Overloaded.retry_after_s)
+    return response
 
 
 @api.exception_handler(Exception)
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-    # Still OpenAI-shaped, so clients report it; the traceback is in the replica's log.
-    return error_response(500, f"internal error: {type(exc).__name__}: {exc}", "server_error")
+    # Still OpenAI-shaped, so clients report it; what went wrong (paths, values) stays in the replica's log.
+    log.exception("unhandled error in %s %s", request.method, request.url.path)
+    _metrics.error(type(exc).__name__)
+    return error_response(500, "internal server error; the replica's log has the details", "server_error")
 
 
 class _Body(BaseModel):
@@ -95,10 +123,14 @@ def resolve_api_key(value: str | None) -> str | None:
     name = m.group(1) or m.group(2)
     key = os.environ.get(name)
     if not key:
-        from bigray.errors import ConfigError
-
         raise ConfigError(f"serve.api_key refers to the environment variable {name}, which is not set")
     return key
+
+
+def api_key_digest(value: str | None) -> bytes | None:
+    """SHA-256 of the resolved key: what replicas compare against, so the key itself is stored nowhere."""
+    key = resolve_api_key(value)
+    return hashlib.sha256(key.encode()).digest() if key else None
 
 
 def model_name(serve_cfg) -> str:
@@ -123,67 +155,125 @@ def _text(content) -> str:
 class OpenAIServer:
     """One replica: the model, its engine, and the OpenAI routes."""
 
-    def __init__(self, cfg: dict, api_key: str | None):
-        from bigray import storage
-        from bigray.config import Config
-
-        cfg = Config.model_validate(cfg)
-        s = cfg.serve
-        local = storage.local_dir(s.model, cfg.storage)
-        device = "cuda" if s.num_gpus > 0 else "cpu"
-        self.engine = Engine(local, max_batch_size=s.max_batch_size, batch_wait_timeout_s=s.batch_wait_timeout_s, device=device,
-                             dtype=s.dtype, num_threads=max(1, int(s.num_cpus)))
+    def __init__(self, serve_cfg: dict, store: Store, api_key_digest: bytes | None):
+        global _metrics
+        s = ServeConfig.model_validate(serve_cfg)
         self.name = model_name(s)
-        self.max_n = s.max_n
-        self.api_key = api_key.encode() if api_key else None
-        tok = self.engine.tokenizer
-        self.chat_template = tok.chat_template or DEFAULT_CHAT_TEMPLATE
+        _metrics = ServeMetrics(self.name)
+        device = "cuda" if s.num_gpus > 0 else "cpu"
+        self.engine = Engine(
+            store.local_dir(s.model),
+            max_batch_size=s.max_batch_size,
+            batch_wait_timeout_s=s.batch_wait_timeout_s,
+            device=device,
+            dtype=s.dtype,
+            num_threads=max(1, int(s.num_cpus)),
+            kv_token_budget=s.kv_token_budget,
+            prefill_chunk_tokens=s.prefill_chunk_tokens,
+            max_waiting=s.max_waiting,
+            step_timeout_s=s.step_timeout_s,
+            max_consecutive_failures=s.max_consecutive_failures,
+            metrics=_metrics,
+        )
+        self.max_n, self.max_body, self.timeout_s = s.max_n, s.max_body_bytes, s.request_timeout_s
+        self.api_key_digest = api_key_digest
+        self.chat_template = self.engine.tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
         self.created = int(time.time())
+
+    def check_health(self) -> None:
+        """Serve's health probe: raising makes Serve replace this replica."""
+        if problem := self.engine.health():
+            raise RuntimeError(problem)
 
     # ---- routes -------------------------------------------------------------------------------------------
 
     @api.get("/health")
-    async def health(self) -> dict:
-        """Liveness plus the engine's counters (requests, steps, max_batch_seen, ...); open without the API key for probes."""
-        return {"status": "ok", "model": self.name, **self.engine.stats, **self.engine.load()}
+    async def health(self):
+        """The engine's state and counters (requests, steps, ...); 503 when it cannot serve. Open without the key."""
+        problem = self.engine.health()
+        body = {
+            "status": "unhealthy" if problem else "ok",
+            "model": self.name,
+            **self.engine.stats,
+            **self.engine.load(),
+        }
+        if problem:
+            return JSONResponse(body | {"problem": problem}, status_code=503)
+        return body
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict:
         self._auth(request)
-        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created, "owned_by": "bigray",
-                                            "max_model_len": self.engine.context}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "bigray",
+                    "max_model_len": self.engine.context,
+                }
+            ],
+        }
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
         self._auth(request)
         body = await self._body(request, CompletionBody)
-        prompts = self._prompts(body.prompt)
+        prompts = body.prompt
+        if isinstance(prompts, str) or prompts and isinstance(prompts[0], int):
+            prompts = [prompts]
+        self._check_size(len(prompts), body.n)
+        # Tokenizing may take a while for a long prompt: off the event loop, which serves every other request.
+        prompts = await asyncio.to_thread(self._prompts, prompts)
         return await self._respond(body, prompts, chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat(self, request: Request):
         self._auth(request)
         body = await self._body(request, ChatBody)
+        self._check_size(1, body.n)
         messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-        try:
-            text = self.engine.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True)
-        except Exception as exc:  # noqa: BLE001 - a template that rejects these messages is the client's problem
-            raise APIError(400, f"messages do not fit the model's chat template: {exc}", param="messages") from None
-        return await self._respond(body, [self.engine.encode(text)], chat=True)
+        ids = await asyncio.to_thread(self._render_chat, messages)
+        return await self._respond(body, [ids], chat=True)
 
     # ---- request handling ---------------------------------------------------------------------------------
 
     def _auth(self, request: Request) -> None:
-        if self.api_key is None:
+        if self.api_key_digest is None:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key):
-            raise APIError(401, "missing or invalid API key: send 'Authorization: Bearer <serve.api_key>'", "authentication_error", code="invalid_api_key")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            hashlib.sha256(token.strip().encode()).digest(), self.api_key_digest
+        ):
+            raise APIError(
+                401,
+                "missing or invalid API key: send 'Authorization: Bearer <serve.api_key>'",
+                "authentication_error",
+                code="invalid_api_key",
+            )
+
+    async def _read(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed serve.max_body_bytes (never read whole)."""
+        too_big = APIError(
+            413, f"request body exceeds {self.max_body} bytes (serve.max_body_bytes)", code="request_too_large"
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def _body(self, request: Request, schema: type[BaseModel]):
         try:
-            raw = json.loads(await request.body())
+            raw = json.loads(await self._read(request))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise APIError(400, f"request body is not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
@@ -195,19 +285,36 @@ class OpenAIServer:
             # For a union (stop: str | list) the member whose type matched says what is actually wrong.
             err = next((e for e in errors if not e["type"].endswith("_type")), errors[0])
             # Union members show up in the location ("prompt.str"): name only the request's own field path.
-            param = ".".join(str(p) for p in err["loc"] if isinstance(p, int) or p.isidentifier() and p not in _TYPE_TAGS) or None
-            raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value") from None
+            param = (
+                ".".join(str(p) for p in err["loc"] if isinstance(p, int) or p.isidentifier() and p not in _TYPE_TAGS)
+                or None
+            )
+            raise APIError(
+                400, f"{param}: {err['msg']}" if param else err["msg"], param=param, code="invalid_value"
+            ) from None
         if body.model != self.name:
-            raise APIError(404, f"model {body.model!r} does not exist; this server serves {self.name!r}", param="model", code="model_not_found")
-        if body.n > self.max_n:
-            raise APIError(400, f"n={body.n} is more than this server allows (serve.max_n={self.max_n})", param="n")
+            raise APIError(
+                404,
+                f"model {body.model!r} does not exist; this server serves {self.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+        if any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise APIError(400, f"a stop string may have at most {MAX_STOP_CHARS} characters", param="stop")
         return body
 
-    def _prompts(self, prompt) -> list[list[int]]:
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        elif prompt and isinstance(prompt[0], int):
-            prompt = [prompt]
+    def _check_size(self, prompts: int, n: int) -> None:
+        """Every prompt times n is one sequence: together they may not exceed serve.max_n."""
+        if prompts * n > self.max_n:
+            what = f"n={n}" if prompts == 1 else f"{prompts} prompts x n={n}"
+            raise APIError(
+                400,
+                f"{what} asks for {prompts * n} sequences; this server allows {self.max_n} per request (serve.max_n)",
+                param="n" if prompts == 1 else "prompt",
+            )
+
+    def _prompts(self, prompt: list) -> list[list[int]]:
         if not prompt:
             raise APIError(400, "prompt is empty", param="prompt")
         vocab = len(self.engine.tokenizer)
@@ -221,42 +328,71 @@ class OpenAIServer:
             out.append(ids)
         return out
 
+    def _render_chat(self, messages: list[dict]) -> list[int]:
+        try:
+            text = self.engine.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as exc:  # noqa: BLE001 - a template that rejects these messages is the client's problem
+            raise APIError(400, f"messages do not fit the model's chat template: {exc}", param="messages") from None
+        return self.engine.encode(text)
+
     def _params(self, body, prompts: list[list[int]], chat: bool) -> list[tuple[list[int], SamplingParams]]:
         ctx = self.engine.context
         longest = max(len(p) for p in prompts)
         if longest >= ctx:
-            raise APIError(400, f"the prompt has {longest} tokens; this model's context is {ctx} tokens", param="messages" if chat else "prompt",
-                           code="context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {longest} tokens; this model's context is {ctx} tokens",
+                param="messages" if chat else "prompt",
+                code="context_length_exceeded",
+            )
         max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
         if max_tokens is None:
             max_tokens = ctx - longest  # chat's default: whatever room the context leaves
         if longest + max_tokens > ctx:
-            raise APIError(400, f"max_tokens={max_tokens} plus the prompt's {longest} tokens exceeds this model's context of {ctx} tokens",
-                           param="max_tokens", code="context_length_exceeded")
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(s for s in body.stop or () if s)
+            raise APIError(
+                400,
+                f"max_tokens={max_tokens} plus the prompt's {longest} tokens exceeds this model's context of {ctx}",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        # An empty stop string would match at once: it stops nothing, as in OpenAI's API.
+        stop = tuple(s for s in ([body.stop] if isinstance(body.stop, str) else body.stop or ()) if s)
         logprobs = (body.top_logprobs or 0) if chat and body.logprobs else (None if chat else body.logprobs)
         items = []
         for p in prompts:
             for j in range(body.n):
                 # Choice j of a seeded request samples with seed + j: reproducible, yet the n choices differ.
                 seed = None if body.seed is None else body.seed + j
-                items.append((p, SamplingParams(max_tokens, body.temperature, body.top_p, body.top_k, stop, seed, logprobs)))
+                items.append(
+                    (p, SamplingParams(max_tokens, body.temperature, body.top_p, body.top_k, stop, seed, logprobs))
+                )
         return items
+
+    def _events(self, items):
+        """The engine's events for `items`, with its refusals turned into OpenAI errors (503, 400, 504)."""
+        return _translated(self.engine.generate(items, self.timeout_s), self.timeout_s)
 
     async def _respond(self, body, prompts: list[list[int]], chat: bool):
         items = self._params(body, prompts, chat)
         rid = request_id("chatcmpl" if chat else "cmpl")
         usage = {"prompt_tokens": sum(len(p) for p in prompts) * body.n, "completion_tokens": 0}
+        events = self._events(items)
         if body.stream:
-            return StreamingResponse(self._stream(body, items, rid, usage, chat), media_type="text/event-stream")
+            # The first event is awaited here, so a refusal (overload, KV budget) is still an HTTP status.
+            first = await anext(events, None)
+            return StreamingResponse(
+                self._stream(body, items, rid, usage, chat, first, events), media_type="text/event-stream"
+            )
         texts = [""] * len(items)
         finish: list[str | None] = [None] * len(items)
         counts = [0] * len(items)
         lps: list[list] = [[] for _ in items]
         tokens: list[list[int]] = [[] for _ in items]
-        async for i, ev in self.engine.generate(items):
+        async for i, ev in events:
             if ev.error:
-                raise APIError(500, f"generation failed: {ev.error}", "server_error")
+                raise APIError(500, "generation failed; the replica's log has the details", "server_error")
             texts[i] += ev.text
             counts[i] = ev.completion_tokens
             tokens[i] += ev.token_ids
@@ -269,54 +405,145 @@ class OpenAIServer:
             want_lp = items[i][1].logprobs is not None
             if chat:
                 lp = {"content": self._chat_logprobs(tokens[i], lps[i])} if want_lp else None
-                choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": finish[i]})
+                choices.append(
+                    {
+                        "index": i,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": lp,
+                        "finish_reason": finish[i],
+                    }
+                )
             else:
-                choices.append({"index": i, "text": text, "logprobs": self._completion_logprobs(tokens[i], lps[i]) if want_lp else None,
-                                "finish_reason": finish[i]})
-        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()), "model": self.name,
-                "choices": choices, "usage": usage}
+                lp = self._completion_logprobs(tokens[i], lps[i], 0)[0] if want_lp else None
+                choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish[i]})
+        return {
+            "id": rid,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": self.name,
+            "choices": choices,
+            "usage": usage,
+        }
 
-    async def _stream(self, body, items, rid: str, usage: dict, chat: bool):
-        """Server-sent events in OpenAI's chunk format; leaving early (client gone) frees the rows via generate()'s finally."""
+    async def _stream(self, body, items, rid: str, usage: dict, chat: bool, first, events):
+        """Server-sent events in OpenAI's chunk format; a client leaving early frees the rows (generate()'s finally).
+
+        A token whose text is held back (it may start a stop string) keeps its id and logprob until the chunk that
+        carries its text, so a stream's logprobs cover every token, and text_offset runs on across chunks.
+        """
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choices, **extra) -> str:
-            return "data: " + json.dumps({"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices, **extra}) + "\n\n"
+            return (
+                "data: "
+                + json.dumps(
+                    {"id": rid, "object": obj, "created": created, "model": self.name, "choices": choices, **extra}
+                )
+                + "\n\n"
+            )
 
         if chat:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None} for i in range(len(items))])
+            yield chunk(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(len(items))
+                ]
+            )
         counts = [0] * len(items)
-        async for i, ev in self.engine.generate(items):
-            if ev.error:
-                error = {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None, "code": None}
-                yield "data: " + json.dumps({"error": error}) + "\n\n"
-                break
-            counts[i] = ev.completion_tokens
-            if not ev.text and ev.finish_reason is None:
-                continue
-            want_lp = items[i][1].logprobs is not None
-            if chat:
-                lp = {"content": self._chat_logprobs(ev.token_ids, ev.logprobs)} if want_lp else None
-                yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": ev.finish_reason}])
-            else:
-                lp = self._completion_logprobs(ev.token_ids, ev.logprobs) if want_lp else None
-                yield chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
+        held_ids: list[list[int]] = [[] for _ in items]
+        held_lps: list[list] = [[] for _ in items]
+        offsets = [0] * len(items)
+
+        async def all_events():
+            if first is not None:
+                yield first
+            async for ev in events:
+                yield ev
+
+        try:
+            async for i, ev in all_events():
+                if ev.error:
+                    raise APIError(500, "generation failed; the replica's log has the details", "server_error")
+                counts[i] = ev.completion_tokens
+                held_ids[i] += ev.token_ids
+                held_lps[i] += ev.logprobs
+                if not ev.text and ev.finish_reason is None:
+                    continue
+                ids, lps = held_ids[i], held_lps[i]
+                held_ids[i], held_lps[i] = [], []
+                want_lp = items[i][1].logprobs is not None
+                if chat:
+                    lp = {"content": self._chat_logprobs(ids, lps)} if want_lp else None
+                    yield chunk(
+                        [{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": ev.finish_reason}]
+                    )
+                else:
+                    lp = None
+                    if want_lp:
+                        lp, offsets[i] = self._completion_logprobs(ids, lps, offsets[i])
+                    yield chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
+        except APIError as exc:
+            # Headers are gone: the error travels as an event, as OpenAI's servers send it.
+            _metrics.error(exc.code or exc.type)
+            yield (
+                "data: "
+                + json.dumps(
+                    {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+                )
+                + "\n\n"
+            )
+            return
         if (body.stream_options or {}).get("include_usage"):
             usage["completion_tokens"] = sum(counts)
             usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
             yield chunk([], usage=usage)
         yield "data: [DONE]\n\n"
 
-    def _completion_logprobs(self, tokens: list[int], lps: list) -> dict:
+    def _completion_logprobs(self, tokens: list[int], lps: list, offset: int) -> tuple[dict, int]:
+        """Legacy completions logprobs for `tokens`, text offsets counted from `offset`; also the offset after them."""
         text = self.engine.token_text
         pieces = [text(t) for t in tokens]
-        offsets = [sum(map(len, pieces[:i])) for i in range(len(pieces))]
-        return {"tokens": pieces, "token_logprobs": [lp for lp, _ in lps], "top_logprobs": [{text(t): v for t, v in top.items()} for _, top in lps],
-                "text_offset": offsets}
+        offsets = []
+        for piece in pieces:
+            offsets.append(offset)
+            offset += len(piece)
+        return {
+            "tokens": pieces,
+            "token_logprobs": [lp for lp, _ in lps],
+            "top_logprobs": [{text(t): v for t, v in top.items()} for _, top in lps],
+            "text_offset": offsets,
+        }, offset
 
     def _chat_logprobs(self, tokens: list[int], lps: list) -> list[dict]:
         text = self.engine.token_text
-        return [{"token": text(t), "logprob": lp, "bytes": list(text(t).encode()),
-                 "top_logprobs": [{"token": text(k), "logprob": v, "bytes": list(text(k).encode())} for k, v in top.items()]}
-                for t, (lp, top) in zip(tokens, lps)]
+        return [
+            {
+                "token": text(t),
+                "logprob": lp,
+                "bytes": list(text(t).encode()),
+                "top_logprobs": [
+                    {"token": text(k), "logprob": v, "bytes": list(text(k).encode())} for k, v in top.items()
+                ],
+            }
+            for t, (lp, top) in zip(tokens, lps)
+        ]
+
+
+async def _translated(events, timeout_s: float | None):
+    """`events` from Engine.generate, its refusals raised as the APIError a client should see."""
+    try:
+        async for item in events:
+            yield item
+    except Overloaded as exc:
+        raise APIError(503, f"server overloaded: {exc}; retry later", "server_error", code="overloaded") from None
+    except Unhealthy as exc:
+        raise APIError(503, f"engine unavailable: {exc}", "server_error", code="engine_unhealthy") from None
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+    except TimeoutError:
+        raise APIError(
+            504, f"request took longer than serve.request_timeout_s={timeout_s:g} s", "server_error", code="timeout"
+        ) from None
+    finally:
+        await events.aclose()

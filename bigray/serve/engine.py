@@ -1,11 +1,18 @@
 """A small continuous-batching generation engine over a Hugging Face causal LM with a KV cache.
 
-Every in-flight sequence is one row of a single left-padded batch that shares one `DynamicCache`.
-Each engine step runs one decode forward over all running rows; sequences that arrived meanwhile are
-prefilled together and merged into the batch (their cache left-padded to the batch's length), and
-finished or cancelled rows leave it. Rows carry their own attention-mask row and position ids, so a
-sequence's tokens do not depend on what else is in the batch, and their own `torch.Generator`, so a
-seeded request samples the same tokens whoever it shares the batch with.
+Every running sequence is one row of a single left-padded batch that shares one `DynamicCache`.
+Each engine step runs one decode forward over the running rows and one prefill chunk of the
+sequences being admitted: prompts are prefilled a chunk of columns per step (at most
+`prefill_chunk_tokens` padded tokens), so a long prompt never stalls the running streams, and join
+the batch once their whole prompt is in the cache. A sequence is admitted while the KV budget holds
+its worst case (prompt + max_tokens); the rest wait, up to `max_waiting` sequences, after which new
+requests are refused (`Overloaded`, HTTP 503). Rows carry their own attention-mask row and position
+ids, so a sequence's tokens do not depend on what else is in the batch, and their own
+`torch.Generator`, so a seeded request samples the same tokens whoever it shares the batch with.
+
+A failed step fails only the newest work: a failed prefill chunk fails the sequences being prefilled;
+a failed decode rolls the cache back and fails the newest row. `health()` reports an engine loop that
+stopped, a step running longer than `step_timeout_s`, or `max_consecutive_failures` failed steps.
 
 The model runs in a worker thread; the asyncio side only queues requests and hands out events.
 """
@@ -14,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
+import os
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+from bigray.serve.metrics import EngineMetrics
 
 
 @dataclass(frozen=True)
@@ -46,26 +56,120 @@ class Event:
     error: str | None = None
 
 
-class _Seq:
-    __slots__ = ("index", "prompt", "params", "generator", "out", "loop", "ids", "sent", "cancelled", "done", "hold")
+class Overloaded(Exception):
+    """The engine's waiting queue is full: the client should retry after `retry_after_s`."""
 
-    def __init__(self, index, prompt, params, generator, out, loop):
-        self.index, self.prompt, self.params, self.generator, self.out, self.loop = index, prompt, params, generator, out, loop
+    retry_after_s = 1
+
+
+class Unhealthy(Exception):
+    """The engine cannot generate (its loop stopped, or its steps keep failing)."""
+
+
+class _OffsetDecoder:
+    """Incremental detokenization for tokenizers without `DecodeStream`: decode only a short tail per token."""
+
+    def __init__(self, decode):
+        self.decode, self.ids, self.prefix, self.read = decode, [], 0, 0
+
+    def step(self, token: int) -> str | None:
+        self.ids.append(token)
+        before = self.decode(self.ids[self.prefix : self.read])
+        now = self.decode(self.ids[self.prefix :])
+        # A trailing U+FFFD is half a UTF-8 character: wait for the token that completes it.
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before) :]
+        return None
+
+
+class _Seq:
+    __slots__ = (
+        "index",
+        "prompt",
+        "params",
+        "generator",
+        "out",
+        "loop",
+        "ids",
+        "text",
+        "sent",
+        "cancelled",
+        "done",
+        "hold",
+        "decoder",
+        "cost",
+        "arrived",
+        "last_token_at",
+    )
+
+    def __init__(self, index, prompt, params, generator, out, loop, decoder):
+        self.index, self.prompt, self.params, self.generator, self.out, self.loop = (
+            index,
+            prompt,
+            params,
+            generator,
+            out,
+            loop,
+        )
+        self.decoder = decoder
         self.ids: list[int] = []
-        self.sent = 0  # characters of the decoded text already emitted
+        self.text = ""  # decoded so far (incrementally)
+        self.sent = 0  # characters of `text` already emitted
         self.cancelled = False
         self.done = False
         self.hold = max((len(s) for s in params.stop), default=1) - 1  # a stop string may straddle tokens
+        self.cost = len(prompt) + params.max_tokens  # KV tokens this sequence may come to hold
+        self.arrived = time.monotonic()
+        self.last_token_at: float | None = None
 
     def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, event))
+
+    def fail(self, message: str) -> None:
+        self.done = True
+        self.emit(Event("", [], finish_reason="error", error=message))
+
+
+class _Prefill:
+    """Sequences being prefilled together, a chunk of columns per step, into their own cache."""
+
+    def __init__(self, seqs: list[_Seq], pad_id: int, device):
+        import torch
+        from transformers import DynamicCache
+
+        self.seqs = seqs
+        width = max(len(s.prompt) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s.prompt) :] = torch.tensor(s.prompt)
+            mask[i, width - len(s.prompt) :] = 1
+        self.ids, self.mask = ids.to(device), mask.to(device)
+        self.pos = (self.mask.cumsum(-1) - 1).clamp(min=0)
+        self.cache = DynamicCache()
+        self.done = 0  # columns already in the cache
 
 
 class Engine:
     """Load an HF model dir (safetensors only) and generate for many concurrent requests in one batch."""
 
-    def __init__(self, model_dir: str, *, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.01, device: str | None = None,
-                 dtype: str = "auto", num_threads: int | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        max_batch_size: int = 16,
+        batch_wait_timeout_s: float = 0.01,
+        device: str | None = None,
+        dtype: str = "auto",
+        num_threads: int | None = None,
+        kv_token_budget: int | None = None,
+        prefill_chunk_tokens: int = 512,
+        max_waiting: int = 256,
+        step_timeout_s: float = 120.0,
+        max_consecutive_failures: int = 3,
+        metrics: EngineMetrics | None = None,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,33 +179,84 @@ class Engine:
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
         # use_safetensors=True: a dir holding only pickled .bin weights is refused rather than unpickled.
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, use_safetensors=True,
-                                                          dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir,
+            local_files_only=True,
+            use_safetensors=True,
+            dtype=getattr(torch, dtype),
+            attn_implementation="sdpa",
+        )
         self.model.to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         cfg = self.model.config
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
-        eos = {self.tokenizer.eos_token_id, *_as_list(getattr(cfg, "eos_token_id", None)),
-               *_as_list(getattr(self.model.generation_config, "eos_token_id", None))}
+        eos = {
+            self.tokenizer.eos_token_id,
+            *_as_list(getattr(cfg, "eos_token_id", None)),
+            *_as_list(getattr(self.model.generation_config, "eos_token_id", None)),
+        }
         self.eos_ids = frozenset(i for i in eos if i is not None)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
-        self._decode = self.tokenizer.backend_tokenizer.decode if getattr(self.tokenizer, "is_fast", False) else self.tokenizer.decode
+        self.pad_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        )
+        fast = getattr(self.tokenizer, "is_fast", False)
+        self._decode = self.tokenizer.backend_tokenizer.decode if fast else self.tokenizer.decode
         self.max_batch_size = max_batch_size
         self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.kv_token_budget = kv_token_budget or max_batch_size * self.context
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.max_waiting = max_waiting
+        self.step_timeout_s = step_timeout_s
+        self.max_consecutive_failures = max_consecutive_failures
+        self.metrics = metrics or EngineMetrics()
         self._pending: deque[_Seq] = deque()
         self._rows: list[_Seq] = []
         self._mask = self._cache = self._next = self._pos = None
+        self._prefill: _Prefill | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._lock = threading.Lock()
-        self.stats = {"requests": 0, "sequences": 0, "steps": 0, "batched_steps": 0, "max_batch_seen": 0, "prompt_tokens": 0, "generated_tokens": 0,
-                      "cancelled": 0}
+        self._step_started: float | None = None
+        self._failures = 0
+        self._last_error = ""
+        self.stats = {
+            "requests": 0,
+            "sequences": 0,
+            "steps": 0,
+            "batched_steps": 0,
+            "max_batch_seen": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+            "cancelled": 0,
+            "failed_steps": 0,
+            "overloaded": 0,
+        }
 
     # ---- asyncio side -------------------------------------------------------------------------------------
 
     def load(self) -> dict:
-        """Sequences in the batch and waiting for a row right now."""
-        return {"running": len(self._rows), "waiting": len(self._pending)}
+        """Sequences running, being prefilled and waiting right now, and the KV tokens they reserve."""
+        prefilling = self._prefill.seqs if self._prefill else []
+        return {
+            "running": len(self._rows),
+            "prefilling": len(prefilling),
+            "waiting": len(self._pending),
+            "kv_tokens_reserved": sum(s.cost for s in self._rows) + sum(s.cost for s in prefilling),
+            "kv_token_budget": self.kv_token_budget,
+        }
+
+    def health(self) -> str | None:
+        """Why this engine cannot serve (Serve should replace the replica), or None when it is healthy."""
+        if self._task is not None and self._task.done():
+            exc = None if self._task.cancelled() else self._task.exception()
+            return f"the engine loop stopped ({type(exc).__name__}: {exc})" if exc else "the engine loop stopped"
+        started = self._step_started
+        if started is not None and time.monotonic() - started > self.step_timeout_s:
+            took = time.monotonic() - started
+            return f"an engine step has run for {took:.0f} s (limit serve.step_timeout_s={self.step_timeout_s:g})"
+        if self._failures >= self.max_consecutive_failures:
+            return f"{self._failures} engine steps failed in a row; last: {self._last_error}"
+        return None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -109,23 +264,44 @@ class Engine:
     def token_text(self, token_id: int) -> str:
         return self._decode([token_id])
 
-    async def generate(self, items: list[tuple[list[int], SamplingParams]]) -> AsyncIterator[tuple[int, Event]]:
+    async def generate(
+        self, items: list[tuple[list[int], SamplingParams]], timeout_s: float | None = None
+    ) -> AsyncIterator[tuple[int, Event]]:
         """Run `items` (prompt ids, params) as sequences of one request; yields (item index, event) as tokens arrive.
 
-        Leaving the iteration early (a disconnected client, a cancelled task) frees the sequences' batch rows.
+        Raises `Overloaded` when the waiting queue is full, `Unhealthy` when the engine loop has stopped,
+        `ValueError` for a sequence the KV budget can never hold, and `TimeoutError` after `timeout_s`.
+        Leaving the iteration early (a disconnected client, a cancelled task, a timeout) frees the sequences' rows.
         """
         loop = asyncio.get_running_loop()
         self._ensure_loop()
         out: asyncio.Queue = asyncio.Queue()
-        seqs = [_Seq(i, list(prompt), p, self._generator(p.seed), out, loop) for i, (prompt, p) in enumerate(items)]
+        seqs = [
+            _Seq(i, list(prompt), p, self._generator(p.seed), out, loop, self._decoder())
+            for i, (prompt, p) in enumerate(items)
+        ]
+        if (worst := max(s.cost for s in seqs)) > self.kv_token_budget:
+            raise ValueError(
+                f"prompt + max_tokens = {worst} tokens, more than this replica's KV budget of {self.kv_token_budget} "
+                "(serve.kv_token_budget)"
+            )
         with self._lock:
+            if sum(not s.cancelled for s in self._pending) + len(seqs) > self.max_waiting:
+                self.stats["overloaded"] += 1
+                raise Overloaded(
+                    f"{len(self._pending)} sequences are already waiting (serve.max_waiting={self.max_waiting})"
+                )
             self._pending.extend(seqs)
             self.stats["requests"] += 1
         self._wakeup.set()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
         remaining = len(seqs)
         try:
             while remaining:
-                index, event = await out.get()
+                if deadline is None:
+                    index, event = await out.get()
+                else:
+                    index, event = await asyncio.wait_for(out.get(), max(0.0, deadline - loop.time()))
                 remaining -= event.finish_reason is not None
                 yield index, event
         finally:
@@ -142,14 +318,25 @@ class Engine:
             g.manual_seed(seed)
         return g
 
+    def _decoder(self):
+        if getattr(self.tokenizer, "is_fast", False):
+            from tokenizers.decoders import DecodeStream
+
+            stream, backend = DecodeStream(skip_special_tokens=True), self.tokenizer.backend_tokenizer
+            return _StreamStep(stream, backend)
+        return _OffsetDecoder(self._decode)
+
     def _ensure_loop(self) -> None:
-        if self._task is None or self._task.done():
+        if self._task is None or self._task.get_loop() is not asyncio.get_running_loop():
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
+        elif self._task.done():
+            # A stopped loop is not restarted: health() reports it and Serve replaces the replica.
+            raise Unhealthy(self.health() or "the engine loop stopped")
 
     async def _run(self) -> None:
         while True:
-            if not self._rows and not self._pending:
+            if not self._rows and not self._pending and self._prefill is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 if self.batch_wait_timeout_s > 0 and self.max_batch_size > 1:
@@ -159,73 +346,126 @@ class Engine:
     # ---- model side (worker thread) -----------------------------------------------------------------------
 
     def step(self) -> None:
-        """One decode step over the running rows, plus prefill of waiting sequences that fit; emits events."""
+        """One decode forward over the running rows and one prefill chunk of the sequences being admitted."""
         import torch
 
-        new: list[_Seq] = []
+        self._step_started = time.monotonic()
+        ok = True
         try:
             with torch.inference_mode():
                 self._drop_finished()  # cancelled since the last step
                 if self._rows:
-                    self._decode_step()
-                    self._drop_finished()  # rows that just finished free their slot for this step's arrivals
-                with self._lock:
-                    free = self.max_batch_size - len(self._rows)
-                    while self._pending and len(new) < free:
-                        s = self._pending.popleft()
-                        if not s.cancelled:
-                            new.append(s)
-                if new:
-                    self._prefill(new)
+                    ok &= self._guarded(self._decode_step, self._fail_newest_row)
+                    self._drop_finished()  # rows that just finished free their slot and budget for admission
+                if self._prefill is None:
+                    self._admit()
+                if self._prefill is not None:
+                    ok &= self._guarded(self._prefill_chunk, self._fail_prefill)
                 self._drop_finished()
-        except Exception as exc:  # noqa: BLE001 - a failed step fails its sequences, never the replica
-            for s in self._rows + [s for s in new if s not in self._rows]:
-                s.emit(Event("", [], finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
-            self._rows, self._mask, self._cache, self._next, self._pos = [], None, None, None, None
+        finally:
+            self._step_started = None
+        self._failures = 0 if ok else self._failures + 1
+        self.metrics.load(len(self._pending), len(self._rows), sum(len(s.prompt) + len(s.ids) for s in self._rows))
 
-    def _prefill(self, seqs: list[_Seq]) -> None:
-        import torch
-        from transformers import DynamicCache
+    def _guarded(self, work, on_error) -> bool:
+        """Run one forward; on an exception (an OOM, a CUDA error) undo it for everyone but the newest work."""
+        try:
+            work()
+            return True
+        except Exception as exc:  # noqa: BLE001 - a failed forward fails its newest sequences, never the replica
+            self.stats["failed_steps"] += 1
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            self.metrics.error(type(exc).__name__)
+            on_error(self._last_error)
+            return False
 
-        width = max(len(s.prompt) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s.prompt):] = torch.tensor(s.prompt)
-            mask[i, width - len(s.prompt):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True).logits[:, -1]
-        tokens = self._sample(logits, seqs)
-        self.stats["sequences"] += len(seqs)
-        self.stats["prompt_tokens"] += sum(len(s.prompt) for s in seqs)
-        self._count(len(seqs))
-        nxt, last = tokens.view(-1, 1), pos[:, -1] + 1
-        if not self._rows:
-            self._rows, self._mask, self._cache, self._next, self._pos = seqs, mask, cache, nxt, last
+    def _admit(self) -> None:
+        """Start prefilling the waiting sequences (in arrival order) that fit in free rows and the KV budget."""
+        with self._lock:
+            free = self.max_batch_size - len(self._rows)
+            budget = self.kv_token_budget - sum(s.cost for s in self._rows)
+            new: list[_Seq] = []
+            while self._pending and len(new) < free:
+                s = self._pending[0]
+                if s.cancelled:
+                    self._pending.popleft()
+                    continue
+                if s.cost > budget:
+                    break  # first come, first served: a large request is not overtaken for ever by small ones
+                budget -= s.cost
+                new.append(self._pending.popleft())
+        if new:
+            self._prefill = _Prefill(new, self.pad_id, self.device)
+
+    def _prefill_chunk(self) -> None:
+        g = self._prefill
+        width = g.ids.shape[1]
+        end = min(width, g.done + max(1, self.prefill_chunk_tokens // len(g.seqs)))
+        # logits_to_keep=1: only the last position's logits are read; the full [rows, cols, vocab] is never made.
+        logits = self.model(
+            input_ids=g.ids[:, g.done : end],
+            attention_mask=g.mask[:, :end],
+            position_ids=g.pos[:, g.done : end],
+            past_key_values=g.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1]
+        g.done = end
+        if end < width:
             return
-        # Merge into the running batch: left-pad whichever cache is shorter (masked out), then stack rows.
-        a, b = self._mask.shape[1], mask.shape[1]
-        width = max(a, b)
-        for mine, theirs in zip(self._cache.layers, cache.layers):
+        self._prefill = None
+        tokens = self._sample(logits, g.seqs)
+        self.stats["sequences"] += len(g.seqs)
+        self.stats["prompt_tokens"] += sum(len(s.prompt) for s in g.seqs)
+        self._merge(g, tokens.view(-1, 1), g.pos[:, -1] + 1)
+
+    def _merge(self, g: _Prefill, nxt, last) -> None:
+        import torch
+
+        if not self._rows:
+            self._rows, self._mask, self._cache, self._next, self._pos = g.seqs, g.mask, g.cache, nxt, last
+            return
+        # Join the running batch: left-pad whichever cache is shorter (masked out), then stack rows.
+        width = max(self._mask.shape[1], g.mask.shape[1])
+        for mine, theirs in zip(self._cache.layers, g.cache.layers):
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self._rows = self._rows + seqs
+        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(g.mask, width, dim=1)])
+        self._rows = self._rows + g.seqs
         self._next = torch.cat([self._next, nxt])
         self._pos = torch.cat([self._pos, last])
 
     def _decode_step(self) -> None:
         import torch
 
-        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        logits = self.model(input_ids=self._next, attention_mask=self._mask, position_ids=self._pos.view(-1, 1),
-                            past_key_values=self._cache, use_cache=True).logits[:, -1]
-        tokens = self._sample(logits, self._rows)
-        self._count(len(self._rows))
+        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        width = self._mask.shape[1]
+        try:
+            logits = self.model(
+                input_ids=self._next,
+                attention_mask=mask,
+                position_ids=self._pos.view(-1, 1),
+                past_key_values=self._cache,
+                use_cache=True,
+            ).logits[:, -1]
+            tokens = self._sample(logits, self._rows)
+        except Exception:
+            # Layers that already appended this step's column drop it again: the batch is as before the step.
+            for layer in self._cache.layers:
+                if layer.keys is not None and layer.keys.shape[2] > width:
+                    layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+            raise
+        self._mask = mask
         self._next = tokens.view(-1, 1)
         self._pos = self._pos + 1
+
+    def _fail_newest_row(self, message: str) -> None:
+        self._rows[-1].fail(message)
+
+    def _fail_prefill(self, message: str) -> None:
+        for s in self._prefill.seqs:
+            s.fail(message)
+        self._prefill = None
 
     def _count(self, batch: int) -> None:
         self.stats["steps"] += 1
@@ -255,48 +495,49 @@ class Engine:
         self._mask, self._next, self._pos = mask[:, start:], self._next[idx], self._pos[idx]
 
     def _sample(self, logits, seqs: list[_Seq]):
-        """Pick each row's next token with its own params and generator, then turn it into an event."""
-        import torch
-
+        """Pick every row's next token in one pass (each row's own params and generator), then emit the events."""
+        self._count(len(seqs))
         logits = logits.float()
-        tokens = logits.argmax(-1)
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.temperature > 0:
-                row = logits[i] / p.temperature
-                if 0 < p.top_k < row.numel():
-                    row = row.masked_fill(row < torch.topk(row, p.top_k).values[-1], -math.inf)
-                if p.top_p < 1.0:
-                    sorted_row, order = torch.sort(row, descending=True)
-                    cum = sorted_row.softmax(-1).cumsum(-1)
-                    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-                    drop = cum - sorted_row.softmax(-1) >= p.top_p
-                    row = row.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
-                tokens[i] = torch.multinomial(row.softmax(-1), 1, generator=s.generator)[0]
-        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        logprobs = logits[want].log_softmax(-1) if want else None
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         host = tokens.tolist()
-        for j, i in enumerate(want):
-            k = seqs[i].params.logprobs
-            top = torch.topk(logprobs[j], k) if k else None
-            entry = (float(logprobs[j, host[i]]), dict(zip(top.indices.tolist(), top.values.tolist())) if top is not None else {})
-            self._advance(seqs[i], host[i], entry)
-        for i in set(range(len(seqs))) - set(want):
-            self._advance(seqs[i], host[i], None)
+        entries: list = [None] * len(seqs)
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if want:
+            logprobs = logits[want].log_softmax(-1)
+            k = max(seqs[i].params.logprobs for i in want)
+            top = logprobs.topk(k, -1) if k else None
+            chosen = logprobs.gather(1, tokens[want].view(-1, 1)).view(-1).tolist()
+            top_ids, top_vals = (top.indices.tolist(), top.values.tolist()) if top is not None else ([], [])
+            for j, i in enumerate(want):
+                n = seqs[i].params.logprobs
+                entries[i] = (chosen[j], dict(zip(top_ids[j][:n], top_vals[j][:n])) if n else {})
+        now = time.monotonic()
+        generated = 0
+        for s, token, entry in zip(seqs, host, entries):
+            generated += self._advance(s, token, entry, now)
+        self.metrics.generated(generated)
         return tokens
 
-    def _advance(self, s: _Seq, token: int, logprob) -> None:
+    def _advance(self, s: _Seq, token: int, logprob, now: float) -> int:
         """Append one token to a sequence, detect EOS / stop strings / length, and emit the new text."""
-        if s.cancelled:
-            return
+        if s.cancelled or s.done:
+            return 0
         self.stats["generated_tokens"] += 1
+        if s.last_token_at is None:
+            self.metrics.first_token(now - s.arrived)
+        else:
+            self.metrics.inter_token(now - s.last_token_at)
+        s.last_token_at = now
         finish = None
         if token in self.eos_ids:
             finish = "stop"
         else:
             s.ids.append(token)
+            piece = s.decoder.step(token)
+            if piece:
+                s.text += piece
         generated = len(s.ids) + (finish is not None)
-        text = self._decode(s.ids)
+        text = s.text
         if s.params.stop:
             start = max(0, s.sent - s.hold)
             hits = [i for i in (text.find(stop, start) for stop in s.params.stop) if i >= 0]
@@ -305,16 +546,56 @@ class Engine:
         if finish is None and (generated >= s.params.max_tokens or len(s.prompt) + generated >= self.context):
             finish = "length"
         if finish is None:
-            # Hold back what may still turn into a stop string, and a trailing partial UTF-8 character.
-            end = len(text) - s.hold
-            while end > s.sent and text[end - 1] == "\ufffd":
-                end -= 1
+            end = len(text) - s.hold  # what may still turn into a stop string stays back
         else:
+            if finish == "length" or text is s.text:
+                # The one full decode of the sequence, so the final text is exactly what decode() gives.
+                text = self._decode(s.ids)
             end = len(text)
             s.done = True
-        delta = text[s.sent:end] if end > s.sent else ""
+        delta = text[s.sent : end] if end > s.sent else ""
         s.sent = max(s.sent, end)
         s.emit(Event(delta, [token], [logprob] if logprob else [], finish, generated))
+        return 1
+
+
+class _StreamStep:
+    """`tokenizers.decoders.DecodeStream` bound to its tokenizer: `.step(token)` returns the new text or None."""
+
+    __slots__ = ("stream", "tokenizer")
+
+    def __init__(self, stream, tokenizer):
+        self.stream, self.tokenizer = stream, tokenizer
+
+    def step(self, token: int) -> str | None:
+        return self.stream.step(self.tokenizer, token)
+
+
+def sample(logits, params: list[SamplingParams], generators: list):
+    """Next tokens for a batch of float logits: argmax where temperature is 0, else temperature / top-k / top-p
+    sampling, vectorised over rows; each row draws its one uniform number from its own generator."""
+    import torch
+
+    tokens = logits.argmax(-1)
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return tokens
+    vocab = logits.shape[-1]
+    device = logits.device
+    temperature = torch.tensor([params[i].temperature for i in rows], device=device)
+    top_k = torch.tensor([params[i].top_k if 0 < params[i].top_k < vocab else vocab for i in rows], device=device)
+    top_p = torch.tensor([params[i].top_p for i in rows], device=device)
+    x = logits[rows] / temperature[:, None]
+    x, order = x.sort(-1, descending=True)
+    x = x.masked_fill(torch.arange(vocab, device=device)[None] >= top_k[:, None], -float("inf"))
+    probs = x.softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
+    cdf = probs.cumsum(-1)
+    u = torch.cat([torch.rand(1, generator=generators[i], device=device) for i in rows]) * cdf[:, -1]
+    picked = torch.searchsorted(cdf, u[:, None]).clamp(max=vocab - 1)
+    tokens[rows] = order.gather(1, picked).view(-1)
+    return tokens
 
 
 def _left_pad(t, width: int, dim: int = 2):
@@ -339,6 +620,4 @@ _ids = itertools.count()
 
 def request_id(prefix: str) -> str:
     """OpenAI-looking ids, unique per replica process."""
-    import os
-
     return f"{prefix}-{os.getpid():x}{next(_ids):08x}"

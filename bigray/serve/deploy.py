@@ -1,0 +1,91 @@
+"""`bigray serve`'s build, start and stop: the Serve application for a config, and running it from Python.
+
+`build_app(cfg)` is the Serve application; `app_builder(args)` is the same for Serve's own tooling
+(`serve run bigray.serve:app_builder model=...`, or `import_path: bigray.serve:app_builder` in a
+`serve deploy` config); `start(cfg)` / `stop()` run it from Python, as `bigray serve` and the demo do.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+
+from bigray.config import Config, ServeConfig, apply_overrides, load_config, require
+from bigray.errors import BigrayError
+from bigray.serve.app import OpenAIServer, api_key_digest
+from bigray.serve.vllm import build_vllm_app, deployment_config
+from bigray.storage import Store
+
+APP_NAME = "bigray"
+
+
+def build_app(cfg: Config):
+    """The Serve application for `cfg.serve`: bigray's HF engine, or Ray Serve LLM for serve.engine=vllm."""
+    store = Store(cfg.storage)
+    if cfg.serve.engine == "vllm":
+        return build_vllm_app(cfg.serve, store)
+    s = cfg.serve
+    require(s.model, "serve.model", "serve")
+    options = deployment_config(s) | {"ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}}
+    # The key is resolved here, where the config is read, so a missing variable fails before any replica
+    # starts; replicas get only its digest, so the key itself is in no init args Serve stores or shows.
+    digest = api_key_digest(s.api_key)
+    public = s.model_copy(update={"api_key": None})
+    return OpenAIServer.options(**options).bind(public.model_dump(mode="json"), store, digest)
+
+
+def app_builder(args: dict):
+    """Serve's typed-args entry point: `args` are serve.* keys, plus an optional `config=path.yaml`.
+
+    Values are used as given (Serve already parsed its YAML or CLI), never parsed again: an api key
+    `"abc #x"` stays `abc #x`; pydantic still turns `serve run`'s strings ("8", "0.5") into numbers.
+    """
+    args = dict(args)
+    files = [args.pop("config")] if "config" in args else []
+    cfg = load_config(files)
+    return build_app(apply_overrides(cfg, {f"serve.{k}": v for k, v in args.items()}, "app_builder args"))
+
+
+def base_url(s: ServeConfig) -> str:
+    """Where a client on this machine reaches the app (a wildcard bind address means loopback)."""
+    host = "127.0.0.1" if s.host in ("0.0.0.0", "::", "") else s.host
+    return f"http://{host}:{s.port}"
+
+
+def start(cfg: Config, timeout_s: float = 300.0) -> str:
+    """Connect Ray, start Serve's proxy on serve.host:serve.port, deploy, wait until healthy; returns the base URL."""
+    from ray import serve
+
+    from bigray.runtime import init_ray
+
+    app = build_app(cfg)  # config errors surface before Ray starts
+    init_ray(cfg.ray)
+    http = {"host": cfg.serve.host, "port": cfg.serve.port}
+    if cfg.serve.request_timeout_s:
+        # The proxy's own limit, a backstop for the replica's per-request deadline.
+        http["request_timeout_s"] = cfg.serve.request_timeout_s + 5
+    serve.start(http_options=http)
+    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+    url = base_url(cfg.serve)
+    probe = f"{url}/health" if cfg.serve.engine == "hf" else f"{url}/v1/models"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(probe, timeout=10) as resp:
+                if resp.status == 200:
+                    return url
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise BigrayError(
+                f"serve: {probe} not healthy after {timeout_s:.0f} s; see the replica logs (ray logs / the dashboard)"
+            )
+        time.sleep(0.5)
+
+
+def stop() -> None:
+    """Tear down Serve (applications, proxy and controller); Ray itself stays up."""
+    from ray import serve
+
+    serve.shutdown()
