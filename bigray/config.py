@@ -26,6 +26,9 @@ class Section(BaseModel):
 class RayConfig(Section):
     address: str | None = Field(None, description='null: start a local cluster on 127.0.0.1; "auto" or ray://host:10001')
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (null: all of this machine's)")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
+        None, description="console level of Ray's own loggers (Train, Data, Serve); null: WARNING on a local cluster, "
+        "INFO on a cluster you connect to. Ray's log files keep everything either way")
 
 
 class StorageConfig(Section):
@@ -85,6 +88,13 @@ class TrainConfig(Section):
     shuffle_window: int = Field(4096, ge=1, description="rows shuffled together (seeded) while streaming the train split")
     activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the model")
+    loss_impl: Literal["auto", "plain", "chunked", "liger"] = Field(
+        "auto", description="cross-entropy: full logits (plain), chunked lm_head + CE, liger's fused kernel; "
+        "auto: liger (else chunked) on GPU, plain on CPU (bigray/train/loss.py)"
+    )
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, description="GiB per GPU for the planner's fit check before workers start; null: the driver's GPU, else none"
+    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement of the workers")
@@ -106,22 +116,36 @@ class TrainConfig(Section):
 
 
 class TuneConfig(Section):
-    search_space: dict[str, dict[str, Any]] = Field(default_factory=dict, description='{"train.lr": {loguniform: [1e-4, 3e-3]}}')
+    search_space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description='{"train.lr": {loguniform: [1e-4, 3e-3]}}; PBT: optimizer scalars only'
+    )
     num_samples: int = Field(8, ge=1, description="trials")
-    max_concurrent: int = Field(2, ge=1, description="trials running at once")
+    max_concurrent: int = Field(2, ge=1, description="trials running at once (capped by what the cluster fits)")
     scheduler: Literal["asha", "fifo", "pbt"] = Field("asha", description="trial scheduler")
     metric: str = Field("val_loss", description="metric the scheduler and the best trial use")
     mode: Literal["min", "max"] = Field("min", description="minimise or maximise the metric")
     storage_path: str | None = Field(None, description="local dir or s3:// prefix for sweeps")
     name: str | None = Field(None, description="null: generated")
-    searcher: Literal["random", "optuna"] = Field("random", description="random/grid variants, or Optuna's TPE (needs the `tune` extra)")
-    grace_period: int = Field(100, ge=1, description="ASHA: steps every trial runs before it can be stopped")
+    searcher: Literal["random", "optuna"] = Field(
+        "random", description="random/grid variants, or Optuna's TPE (needs the `tune` extra)"
+    )
+    grace_period: int = Field(
+        100, ge=1, description="ASHA: steps every trial runs before it can be stopped; rungs must fall on checkpoints"
+    )
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of the trials go on at each rung")
-    perturbation_interval: int | None = Field(None, ge=1, description="PBT: steps between exploit/explore; null: train.checkpoint_every")
-    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="PBT: bottom fraction that copies the top fraction")
-    resample_probability: float = Field(0.25, ge=0, le=1, description="PBT: chance a mutated value is resampled rather than perturbed")
+    perturbation_interval: int | None = Field(
+        None, ge=1, description="PBT: steps between exploit/explore; null: train.checkpoint_every"
+    )
+    quantile_fraction: float = Field(
+        0.25, gt=0, le=0.5, description="PBT: bottom fraction that copies the top fraction"
+    )
+    resample_probability: float = Field(
+        0.25, ge=0, le=1, description="PBT: chance a mutated value is resampled rather than perturbed"
+    )
     seed: int | None = Field(None, description="seeds the searcher's sampling; null: random")
-    max_failures: int = Field(0, ge=0, description="times Tune retries a failed trial (Ray Train restarts workers itself first)")
+    max_failures: int = Field(
+        1, ge=0, description="times Tune retries a failed trial from its last checkpoint, after Train's restarts"
+    )
 
 
 class AutoscalingConfig(Section):

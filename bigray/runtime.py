@@ -11,12 +11,21 @@ from bigray.ray_compat import init_loopback_cluster
 
 
 def init_ray(cfg: RayConfig) -> None:
-    """Connect once per process. Inside `ray job submit`, RAY_ADDRESS points at the job's cluster."""
+    """Connect once per process. Inside `ray job submit`, RAY_ADDRESS points at the job's cluster.
+
+    Resolves `cfg.log_level` (null: WARNING for a local start, INFO otherwise) so that everything this
+    command hands the section to (Train runs, Tune trials) uses the same console level.
+    """
     import ray
 
+    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
+    if cfg.log_level is None:
+        # A local start is someone at a terminal: show bigray's lines, not Ray's INFO chatter (a report per
+        # training step, execution plans). Anyone who configured logging themselves keeps their config.
+        cfg.log_level = "WARNING" if local and not logging.getLogger().handlers else "INFO"
     if ray.is_initialized():
         return
-    if cfg.address or os.environ.get("RAY_ADDRESS"):
+    if not local:
         ray.init(address=cfg.address, log_to_driver=True)
         return
     # Bound to loopback: a laptop or CI run must not open Ray's ports on the network. At least 4
@@ -26,24 +35,32 @@ def init_ray(cfg: RayConfig) -> None:
     # trials) overwrite each other into thousands of lines; bigray prints its own summaries.
     # Read where ray.data is imported, so also set for processes started from here on.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
-    # A local start is someone at a terminal: show bigray's lines, not Ray's INFO chatter (a report per
-    # training step, execution plans). Everything still lands in Ray's log files under /tmp/ray.
-    # Anyone who configured logging themselves keeps their config.
-    quiet = not logging.getLogger().handlers
     # The dashboard (on 127.0.0.1:8265) also serves the State API that Ray Train's placement
     # group cleaner polls; without it that cleaner logs a warning every few seconds.
-    init_loopback_cluster(
-        num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1),
-        include_dashboard=True,
-        logging_config=ray.LoggingConfig(log_level="WARNING") if quiet else None,
-    )
+    init_loopback_cluster(num_cpus=cfg.num_cpus or max(4, os.cpu_count() or 1), include_dashboard=True,
+                          logging_config=ray.LoggingConfig(log_level=cfg.log_level))
     import ray.data
 
-    context = ray.data.DataContext.get_current()
     if os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1":
-        context.enable_progress_bars = False
-    if quiet:
-        context.print_on_execution_start = False
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray_console(cfg.log_level)
+
+
+def quiet_ray_console(level: str) -> None:
+    """Raise the console threshold of Ray Data's logger in this process to `level`; its log file keeps all.
+
+    Ray Data configures its own `ray.data` logger (not propagating, DEBUG, a file and a console handler),
+    so `ray.init`'s logging config does not reach it. Call in every process that runs datasets (the
+    driver, Train workers). At WARNING, its one warning is that progress bars are off, which bigray chose.
+    """
+    if level in ("DEBUG", "INFO"):
+        return
+    import ray.data  # configures the logger adjusted below
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel("ERROR" if level == "WARNING" else level)
+    ray.data.DataContext.get_current().print_on_execution_start = False
 
 
 def free_port() -> int:
