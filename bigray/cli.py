@@ -15,11 +15,10 @@ def _config_show(cfg: Config, args) -> None:
 
 
 def _tokenizer_train(cfg: Config, args) -> None:
-    from bigray.data import load_tokenizer, train_tokenizer
+    from bigray.data import train_tokenizer
 
-    out = train_tokenizer(cfg)
-    info = load_tokenizer(out, cfg.storage)
-    print(f"tokenizer: {out} (vocab {info.vocab_size}, eos id {info.eos_id}, sha256 {info.sha256[:12]})")
+    info = train_tokenizer(cfg)
+    print(f"tokenizer: {info.uri} (vocab {info.vocab_size}, eos id {info.eos_id}, sha256 {info.sha256[:12]})")
 
 
 def _prepare(cfg: Config, args) -> None:

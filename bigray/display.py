@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from bigray.data.prepare import PrepareResult
     from bigray.train.export import ExportResult
     from bigray.train.trainer import TrainResult
 
@@ -30,31 +31,25 @@ def stage(name: str) -> None:
     print(f"\n=== {name} ===", flush=True)
 
 
-def prepare_summary(result: dict) -> None:
-    stats = result["stats"]
-    docs = Table(title=f"bigray prepare -> {result['output']}", title_justify="left")
+def prepare_summary(result: PrepareResult) -> None:
+    docs = Table(title=f"bigray prepare -> {result.output}", title_justify="left")
     docs.add_column("documents")
     docs.add_column("count", justify="right")
     docs.add_column("first seen at", overflow="fold")
-    docs.add_row("read", f"{stats['docs_read']:,}", "")
-    docs.add_row("kept", f"{stats['docs_kept']:,}", "")
-    for reason, count in stats["dropped"].items():
-        docs.add_row(f"dropped: {reason}", f"{count:,}", stats["drop_examples"].get(reason, ""), style="yellow")
+    docs.add_row("read", f"{result.docs_read:,}", "")
+    docs.add_row("kept", f"{result.docs_kept:,}", "")
+    for reason, count in result.dropped.items():
+        docs.add_row(f"dropped: {reason}", f"{count:,}", result.drop_examples.get(reason, ""), style="yellow")
     splits = Table()
     for col in ("split", "rows", "tokens", "shards", "MB"):
         splits.add_column(col, justify="left" if col == "split" else "right")
-    for name, split in result["splits"].items():
-        size = sum(s["bytes"] for s in split["shards"])
-        splits.add_row(
-            name, f"{split['rows']:,}", f"{split['tokens']:,}", str(len(split["shards"])), f"{size / 1e6:,.1f}"
-        )
+    for name, split in result.splits.items():
+        splits.add_row(name, f"{split.rows:,}", f"{split.tokens:,}", str(split.shards), f"{split.bytes / 1e6:,.1f}")
     out = console()
     out.print(docs)
     out.print(splits)
-    out.print(
-        f"{stats['tokens_kept']:,} tokens in {result['wall_s']:.1f} s = {result['tokens_per_s']:,.0f} tokens/s "
-        f"(seq_len {result['seq_len']}, tokenizer vocab {result['tokenizer']['vocab_size']})"
-    )
+    out.print(f"{result.tokens_kept:,} tokens in {result.wall_s:.1f} s = {result.tokens_per_s:,.0f} tokens/s "
+              f"(seq_len {result.seq_len}, tokenizer vocab {result.vocab_size})")
 
 
 def train_summary(out: TrainResult) -> None:

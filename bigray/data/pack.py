@@ -38,7 +38,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Packs one split's token stream into rows and writes `<split>-NNNNN.parquet` shards of `rows_per_shard` rows."""
 
-    def __init__(self, fs: pafs.FileSystem, out_dir: str, split: str, seq_len: int, dtype: np.dtype, rows_per_shard: int):
+    def __init__(
+        self, fs: pafs.FileSystem, out_dir: str, split: str, seq_len: int, dtype: np.dtype, rows_per_shard: int
+    ):
         self.fs, self.out_dir, self.split = fs, out_dir, split
         self.row_len, self.dtype, self.rows_per_shard = seq_len + 1, dtype, rows_per_shard
         self.pending: list[np.ndarray] = []

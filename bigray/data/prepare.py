@@ -9,38 +9,55 @@ split, so concatenating a split's rows gives back its documents' token stream ex
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-import unicodedata
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
-from bigray import storage
-from bigray.config import Config, require
-from bigray.data.pack import ShardWriter, is_val, token_dtype, unit_draw
-from bigray.data.read import documents, resolve_inputs
-from bigray.data.tokenizer import backend, load_tokenizer, save_dir, train_bpe
+from bigray.config import Config, DataConfig, require
+from bigray.data.manifest import MANIFEST_VERSION, SPLITS
+from bigray.data.pack import ShardWriter, is_val, token_dtype
+from bigray.data.read import InputFile, clean, content_hash, documents, resolve_inputs
+from bigray.data.tokenizer import TokenizerInfo, backend, fit_tokenizer, load_tokenizer
 from bigray.errors import DataError
 from bigray.runtime import init_ray
-
-MANIFEST_VERSION = 1
-SPLITS = ("train", "val")
+from bigray.storage import Store, join
 
 
-def content_hash(text: str) -> int:
-    """64-bit content hash for exact dedup (collision odds ~1e-4 at 1e8 docs)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
+@dataclass(frozen=True)
+class SplitSummary:
+    """One split as written: packed rows, their tokens, and the shard files holding them."""
+
+    rows: int
+    tokens: int
+    shards: int
+    bytes: int
 
 
-def clean(text: str, min_chars: int) -> tuple[str, str | None]:
-    """NFC-normalise; return (text, drop_reason)."""
-    text = unicodedata.normalize("NFC", text)
-    return text, ("too_short" if len(text) < min_chars else None)
+@dataclass(frozen=True)
+class PrepareResult:
+    """What `prepare` wrote and how it went; `manifest` is the manifest.json written beside the shards."""
+
+    output: str
+    manifest: dict
+    splits: dict[str, SplitSummary]
+    docs_read: int
+    docs_kept: int
+    dropped: dict[str, int]
+    drop_examples: dict[str, str]
+    tokens_kept: int
+    seq_len: int
+    vocab_size: int
+    wall_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_kept / self.wall_s if self.wall_s > 0 else 0.0
 
 
 def tokenize(batch: pa.Table, tokenizer_json: str, eos_id: int, min_chars: int) -> pa.Table:
@@ -72,46 +89,36 @@ def tokenize(batch: pa.Table, tokenizer_json: str, eos_id: int, min_chars: int) 
     })
 
 
-def train_tokenizer(cfg: Config, out_uri: str | None = None, files=None) -> str:
-    """Train a byte-level BPE on a seeded sample of `data.inputs`; returns where it was saved."""
-    data = cfg.data
-    out_uri = out_uri or require(data.tokenizer, "data.tokenizer", "tokenizer train")
-    files = files or resolve_inputs(data, cfg.storage)
-    init_ray(cfg.ray)
-    total = sum(f.size for f in files) or 1
-    rate = min(1.0, data.tokenizer_sample_mb * (1 << 20) / total)
-
-    def sample():
-        for batch in documents(files, data, cfg.storage).iter_batches(batch_format="pyarrow", batch_size=None):
-            texts = [clean(t, data.min_chars) for t, r in zip(batch["text"].to_pylist(), batch["reason"].to_pylist()) if r is None]
-            texts = [t for t, reason in texts if reason is None]
-            if texts:
-                draws = unit_draw(np.array([content_hash(t) for t in texts], dtype=np.uint64), data.seed + 1)
-                yield from (t for t, d in zip(texts, draws) if d < rate)
-
-    save_dir(lambda d: train_bpe(sample(), data.vocab_size, d), out_uri, cfg.storage)
-    return out_uri
-
-
-def prepare(cfg: Config) -> dict:
-    """Run the whole prepare pipeline; returns the manifest plus timing (`wall_s`, `tokens_per_s`)."""
-    import ray.data
-
+def prepare(cfg: Config) -> PrepareResult:
+    """`bigray prepare`: the whole pipeline, from `data.inputs` to shards + manifest.json in `data.output`."""
     data = cfg.data
     output = require(data.output, "data.output", "prepare")
-    files = resolve_inputs(data, cfg.storage)
+    store = Store(cfg.storage)
+    files = resolve_inputs(data, store)
     start = time.perf_counter()
     init_ray(cfg.ray)
-    tok_uri = data.tokenizer or train_tokenizer(cfg, storage.join(output, "tokenizer"), files)
-    tok = load_tokenizer(tok_uri, cfg.storage)
+    tok_uri = data.tokenizer or fit_tokenizer(data, store, join(output, "tokenizer"), files)
+    tok = load_tokenizer(tok_uri, store)
+    manifest = write_shards(data, store, output, files, tok)
+    wall = time.perf_counter() - start
+    stats = manifest["stats"]
+    splits = {name: SplitSummary(s["rows"], s["tokens"], len(s["shards"]), sum(x["bytes"] for x in s["shards"]))
+              for name, s in manifest["splits"].items()}
+    return PrepareResult(output, manifest, splits, stats["docs_read"], stats["docs_kept"], stats["dropped"],
+                         stats["drop_examples"], stats["tokens_kept"], data.seq_len, tok.vocab_size, wall)
+
+
+def write_shards(data: DataConfig, store: Store, output: str, files: list[InputFile], tok: TokenizerInfo) -> dict:
+    """Tokenize `files`, dedup, split and pack them into shards under `output`; returns the manifest written."""
+    import ray.data
 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    stream = documents(files, data, cfg.storage).map_batches(
+    stream = documents(files, data, store).map_batches(
         tokenize, batch_size=None, batch_format="pyarrow",
         fn_kwargs={"tokenizer_json": tok.json, "eos_id": tok.eos_id, "min_chars": data.min_chars},
     )
 
-    fs, out_dir = storage.filesystem(output, cfg.storage)
+    fs, out_dir = store.filesystem(output)
     _clear_previous(fs, out_dir)
     dtype = token_dtype(tok.vocab_size)
     rows_per_shard = max(1, int(data.shard_mb * (1 << 20)) // ((data.seq_len + 1) * dtype.itemsize))
@@ -148,19 +155,22 @@ def prepare(cfg: Config) -> dict:
                 writers[split].add(tokens)
 
     if docs_kept == 0:
-        raise DataError(f"empty corpus: {docs_read} documents read from {len(files)} files, none kept (dropped: {dict(dropped) or 'none'})")
+        raise DataError(f"empty corpus: {docs_read} documents read from {len(files)} files, none kept "
+                        f"(dropped: {dict(dropped) or 'none'})")
     splits = {s: w.close() for s, w in writers.items()}
     if splits["train"]["rows"] == 0:
-        raise DataError(f"corpus too small: {tokens_kept} tokens kept, not one train row of seq_len + 1 = {data.seq_len + 1} tokens")
+        raise DataError(f"corpus too small: {tokens_kept} tokens kept, not one train row of "
+                        f"seq_len + 1 = {data.seq_len + 1} tokens")
 
-    tok_out = storage.join(output, "tokenizer")
-    if tok_uri.rstrip("/") != tok_out:
-        storage.copy_dir(tok_uri, tok_out, cfg.storage)
+    tok_out = join(output, "tokenizer")
+    if tok.uri.rstrip("/") != tok_out:
+        store.copy_dir(tok.uri, tok_out)
     manifest = {
         "version": MANIFEST_VERSION,
         "seq_len": data.seq_len,
         "dtype": dtype.name,
-        "tokenizer": {"path": "tokenizer", "source": tok_uri, "sha256": tok.sha256, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+        "tokenizer": {"path": "tokenizer", "source": tok.uri, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "eos_id": tok.eos_id},
         "splits": splits,
         "sources": [f.uri for f in files],
         "stats": {
@@ -173,9 +183,8 @@ def prepare(cfg: Config) -> dict:
         },
         "config": data.model_dump(mode="json"),
     }
-    storage.write_bytes(storage.join(output, "manifest.json"), json.dumps(manifest, indent=2).encode(), cfg.storage)
-    wall = time.perf_counter() - start
-    return {**manifest, "output": output, "wall_s": wall, "tokens_per_s": tokens_kept / wall}
+    store.write_text(join(output, "manifest.json"), json.dumps(manifest, indent=2))
+    return manifest
 
 
 def _clear_previous(fs: pafs.FileSystem, out_dir: str) -> None:
@@ -185,25 +194,3 @@ def _clear_previous(fs: pafs.FileSystem, out_dir: str) -> None:
         name = info.base_name
         if name == "manifest.json" or (name.endswith(".parquet") and name.split("-")[0] in SPLITS):
             fs.delete_file(info.path)
-
-
-def read_manifest(uri: str, storage_cfg=None) -> tuple[dict, str]:
-    """(manifest, its directory) from a manifest.json URI or the directory holding one."""
-    path = uri if uri.endswith(".json") else storage.join(uri, "manifest.json")
-    if not storage.exists(path, storage_cfg):
-        raise DataError(f"{path}: no manifest; run `bigray prepare` first")
-    return json.loads(storage.read_bytes(path, storage_cfg)), path.rsplit("/", 1)[0]
-
-
-def load_split(manifest_uri: str, split: str = "train", storage_cfg=None):
-    """A lazy, streaming Ray Dataset of a split's packed rows (column `tokens`, seq_len + 1 ids each)."""
-    import ray.data
-
-    manifest, root = read_manifest(manifest_uri, storage_cfg)
-    if split not in manifest["splits"]:
-        raise DataError(f"{manifest_uri}: no split {split!r}; splits: {sorted(manifest['splits'])}")
-    shards = [s["path"] for s in manifest["splits"][split]["shards"]]
-    if not shards:
-        raise DataError(f"{manifest_uri}: split {split!r} is empty")
-    fs, base = storage.filesystem(root, storage_cfg)
-    return ray.data.read_parquet([f"{base}/{p}" for p in shards], filesystem=fs, columns=["tokens"])

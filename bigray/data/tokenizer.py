@@ -1,4 +1,4 @@
-"""Train a byte-level BPE with HF `tokenizers`, or load an existing HF tokenizer dir."""
+"""`bigray tokenizer train`: a byte-level BPE with HF `tokenizers`; loading an existing HF tokenizer dir."""
 
 from __future__ import annotations
 
@@ -10,9 +10,14 @@ import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from bigray import storage
-from bigray.config import StorageConfig
+import numpy as np
+
+from bigray.config import Config, DataConfig, require
+from bigray.data.pack import unit_draw
+from bigray.data.read import InputFile, clean, content_hash, documents, resolve_inputs
 from bigray.errors import DataError
+from bigray.runtime import init_ray
+from bigray.storage import Store, is_remote
 
 EOS = "<|endoftext|>"
 
@@ -21,11 +26,40 @@ EOS = "<|endoftext|>"
 class TokenizerInfo:
     """What the workers and the manifest need: the fast tokenizer as JSON, and its facts."""
 
+    uri: str
     json: str
     local_dir: str
     vocab_size: int
     eos_id: int
     sha256: str
+
+
+def train_tokenizer(cfg: Config) -> TokenizerInfo:
+    """`bigray tokenizer train`: fit a BPE on a seeded sample of `data.inputs`, save it at `data.tokenizer`."""
+    out_uri = require(cfg.data.tokenizer, "data.tokenizer", "tokenizer train")
+    store = Store(cfg.storage)
+    files = resolve_inputs(cfg.data, store)
+    init_ray(cfg.ray)
+    fit_tokenizer(cfg.data, store, out_uri, files)
+    return load_tokenizer(out_uri, store)
+
+
+def fit_tokenizer(data: DataConfig, store: Store, out_uri: str, files: list[InputFile]) -> str:
+    """Train a byte-level BPE on a seeded `data.tokenizer_sample_mb` sample of `files`; returns `out_uri`."""
+    total = sum(f.size for f in files) or 1
+    rate = min(1.0, data.tokenizer_sample_mb * (1 << 20) / total)
+
+    def sample():
+        for batch in documents(files, data, store).iter_batches(batch_format="pyarrow", batch_size=None):
+            cleaned = (clean(t, data.min_chars) for t, r in zip(batch["text"].to_pylist(), batch["reason"].to_pylist())
+                       if r is None)
+            texts = [t for t, reason in cleaned if reason is None]
+            if texts:
+                draws = unit_draw(np.array([content_hash(t) for t in texts], dtype=np.uint64), data.seed + 1)
+                yield from (t for t, d in zip(texts, draws) if d < rate)
+
+    save_dir(lambda d: train_bpe(sample(), data.vocab_size, d), out_uri, store)
+    return out_uri
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str) -> None:
@@ -56,13 +90,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str) -> None:
         json.dump(tok_cfg, f, indent=2)
 
 
-def load_tokenizer(uri: str, storage_cfg: StorageConfig | None = None) -> TokenizerInfo:
+def load_tokenizer(uri: str, store: Store) -> TokenizerInfo:
     """Load an HF tokenizer dir (local or s3://) offline; it must be a fast tokenizer with an EOS token."""
     from transformers import AutoTokenizer
 
-    if not storage.exists(uri, storage_cfg):
-        raise DataError(f"data.tokenizer: {uri} does not exist; train one with `bigray tokenizer train` or set data.tokenizer=null")
-    local = storage.local_dir(uri, storage_cfg)
+    if not store.exists(uri):
+        raise DataError(f"data.tokenizer: {uri} does not exist; train one with `bigray tokenizer train` "
+                        "or set data.tokenizer=null")
+    local = store.local_dir(uri)
     try:
         tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -72,7 +107,7 @@ def load_tokenizer(uri: str, storage_cfg: StorageConfig | None = None) -> Tokeni
     if tok.eos_token_id is None:
         raise DataError(f"data.tokenizer: {uri} defines no eos_token; documents are joined with EOS")
     text = tok.backend_tokenizer.to_str()
-    return TokenizerInfo(text, local, len(tok), tok.eos_token_id, hashlib.sha256(text.encode()).hexdigest())
+    return TokenizerInfo(uri, text, local, len(tok), tok.eos_token_id, hashlib.sha256(text.encode()).hexdigest())
 
 
 @functools.lru_cache(maxsize=2)
@@ -83,12 +118,13 @@ def backend(tokenizer_json: str):
     return Tokenizer.from_str(tokenizer_json)
 
 
-def save_dir(train_fn, out_uri: str, storage_cfg: StorageConfig | None = None) -> None:
+def save_dir(train_fn, out_uri: str, store: Store) -> None:
     """Run `train_fn(local_dir)` and put the result at `out_uri` (local or s3://)."""
-    if not storage.is_remote(out_uri):
-        os.makedirs(storage.filesystem(out_uri)[1], exist_ok=True)
-        train_fn(storage.filesystem(out_uri)[1])
+    if not is_remote(out_uri):
+        local = store.filesystem(out_uri)[1]
+        os.makedirs(local, exist_ok=True)
+        train_fn(local)
         return
     with tempfile.TemporaryDirectory(prefix="bigray-tok-") as tmp:
         train_fn(tmp)
-        storage.copy_dir(tmp, out_uri, storage_cfg)
+        store.copy_dir(tmp, out_uri)

@@ -32,8 +32,9 @@ def tokenizer_dir(tmp_path_factory, ray_cluster):
     """A small byte-level BPE trained by bigray itself, shared by the prepare tests."""
     root = tmp_path_factory.mktemp("tok")
     corpus = write_jsonl(root / "corpus.jsonl", make_docs(300, seed=99))
-    cfg = load_config(overrides=[f"data.inputs=[{corpus}]", "data.vocab_size=300"])
-    return train_tokenizer(cfg, str(root / "tokenizer"))
+    tok = root / "tokenizer"
+    cfg = load_config(overrides=[f"data.inputs=[{corpus}]", "data.vocab_size=300", f"data.tokenizer={tok}"])
+    return train_tokenizer(cfg).uri
 
 
 def cfg_for(inputs, output, tokenizer, *extra):
@@ -58,7 +59,9 @@ def split_rows(out_dir, split):
     manifest = json.loads((out_dir / "manifest.json").read_text())
     shards = manifest["splits"][split]["shards"]
     tables = [pq.read_table(out_dir / s["path"]) for s in shards]
-    return manifest, (np.concatenate([np.stack(t["tokens"].to_numpy(zero_copy_only=False)) for t in tables]) if tables else None)
+    if not tables:
+        return manifest, None
+    return manifest, np.concatenate([np.stack(t["tokens"].to_numpy(zero_copy_only=False)) for t in tables])
 
 
 def test_local_roundtrip_reproduces_token_stream(tmp_path, tokenizer_dir):
@@ -84,17 +87,18 @@ def test_local_roundtrip_reproduces_token_stream(tmp_path, tokenizer_dir):
     assert manifest["stats"]["docs_read"] == manifest["stats"]["docs_kept"] == 120
     assert manifest["tokenizer"]["eos_id"] == int(expected[-1])
     assert (out / "tokenizer" / "tokenizer.json").exists()
-    assert result["tokens_per_s"] > 0
+    assert result.tokens_per_s > 0 and result.splits["train"].rows == train["rows"]
 
 
 def test_s3_roundtrip_and_streaming_reader(tmp_path, s3, tokenizer_dir, ray_cluster):
-    from bigray import storage
+    from bigray.storage import Store
 
     docs = make_docs(200, seed=3)
     client = s3.client()
     for i in range(2):
-        client.put_object(Bucket=s3.bucket, Key=f"raw/part-{i}.jsonl", Body="".join(json.dumps({"body": d}) + "\n" for d in docs[i::2]))
-    storage.copy_dir(tokenizer_dir, s3.uri("tok"))
+        body = "".join(json.dumps({"body": d}) + "\n" for d in docs[i::2])
+        client.put_object(Bucket=s3.bucket, Key=f"raw/part-{i}.jsonl", Body=body)
+    Store().copy_dir(tokenizer_dir, s3.uri("tok"))
     out = s3.uri("prepared")
     cfg = cfg_for([s3.uri("raw/*.jsonl")], out, s3.uri("tok"), "data.text_field=body", "data.val_fraction=0.2")
     prepare(cfg)
@@ -147,7 +151,7 @@ def test_split_is_deterministic_and_byte_identical(tmp_path, tokenizer_dir):
     assert sa == sb
     assert ma["stats"] == mb["stats"] and ma["splits"] == mb["splits"]
     assert 0 < ma["splits"]["val"]["rows"] < ma["splits"]["train"]["rows"]
-    assert mc["splits"]["val"]["rows"] != ma["splits"]["val"]["rows"] or mc["splits"]["train"]["shards"] != ma["splits"]["train"]["shards"]
+    assert mc["splits"] != ma["splits"]
 
 
 def test_prepare_trains_tokenizer_when_none_given(tmp_path, ray_cluster):
@@ -155,7 +159,8 @@ def test_prepare_trains_tokenizer_when_none_given(tmp_path, ray_cluster):
 
     src = write_jsonl(tmp_path / "c.jsonl", make_docs(150))
     out = tmp_path / "out"
-    prepare(load_config(overrides=[f"data.inputs=[{src}]", f"data.output={out}", "data.vocab_size=280", "data.seq_len=15"]))
+    prepare(load_config(overrides=[f"data.inputs=[{src}]", f"data.output={out}", "data.vocab_size=280",
+                                   "data.seq_len=15"]))
     tok = AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)
     assert tok.eos_token == "<|endoftext|>" and len(tok) == 280
     assert tok.decode(tok("doc 7: gamma ray")["input_ids"]) == "doc 7: gamma ray"

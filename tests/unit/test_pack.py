@@ -10,14 +10,16 @@ from bigray.data.pack import ShardWriter, is_val, splitmix64, token_dtype
 
 
 def test_shard_writer_cuts_rows_across_adds_and_drops_only_the_tail(tmp_path):
-    w = ShardWriter(pafs.LocalFileSystem(), str(tmp_path), "train", seq_len=4, dtype=np.dtype(np.uint16), rows_per_shard=3)
+    w = ShardWriter(pafs.LocalFileSystem(), str(tmp_path), "train", seq_len=4, dtype=np.dtype(np.uint16),
+                    rows_per_shard=3)
     stream = np.arange(38, dtype=np.uint32)
     for chunk in np.split(stream, [1, 2, 9, 20, 21]):
         w.add(chunk)
     split = w.close()
     assert [s["rows"] for s in split["shards"]] == [3, 3, 1] and split["rows"] == 7 and split["tokens"] == 35
     assert w.tail == 3
-    rows = np.concatenate([np.stack(pq.read_table(tmp_path / s["path"])["tokens"].to_numpy(zero_copy_only=False)) for s in split["shards"]])
+    tables = [pq.read_table(tmp_path / s["path"]) for s in split["shards"]]
+    rows = np.concatenate([np.stack(t["tokens"].to_numpy(zero_copy_only=False)) for t in tables])
     np.testing.assert_array_equal(rows.reshape(-1), stream[:35])
 
 
