@@ -95,13 +95,6 @@ class TrainConfig(Section):
     gpu_memory_gb: float | None = Field(
         None, gt=0, description="GiB per GPU for the planner's fit check before workers start; null: the driver's GPU, else none"
     )
-    loss_impl: Literal["auto", "plain", "chunked", "liger"] = Field(
-        "auto", description="cross-entropy: full logits (plain), chunked lm_head + CE, liger's fused kernel; "
-        "auto: liger (else chunked) on GPU, plain on CPU (bigray/train/loss.py)"
-    )
-    gpu_memory_gb: float | None = Field(
-        None, gt=0, description="GiB per GPU for the planner's fit check before workers start; null: the driver's GPU, else none"
-    )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement of the workers")
