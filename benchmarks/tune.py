@@ -52,32 +52,66 @@ def main() -> None:
     from bigray.tune import tune
 
     root = tempfile.mkdtemp(prefix="bigray-bench-tune-")
-    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        num_cpus=args.num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = os.path.join(root, "data")
-    prepare(load_config(overrides=["data.inputs=['{stdlib}/json/*.py', '{stdlib}/email/*.py', '{stdlib}/logging/*.py']", "data.format=text",
-                                   f"data.output={data}", "data.vocab_size=512", "data.seq_len=64", "data.val_fraction=0.05"]))
-    common = [f"data.output={data}", f"tune.storage_path={root}/sweeps", "train.num_workers=1", "train.micro_batch_size=8",
-              "train.precision=fp32", "train.min_lr=1e-6", f"train.max_steps={args.steps}", f"train.eval_every={max(args.steps // 10, 1)}",
-              "train.eval_batches=4", f"train.log_every={max(args.steps // 10, 1)}", f"train.checkpoint_every={args.steps}",
-              "train.keep_checkpoints=1", "train.max_failures=0", SPACE, "tune.num_samples=1", f"tune.max_concurrent={args.concurrent}",
-              f"tune.grace_period={max(args.steps // 10, 1)}", "tune.reduction_factor=3"]
+    prepare(
+        load_config(
+            overrides=[
+                "data.inputs=['{stdlib}/json/*.py', '{stdlib}/email/*.py', '{stdlib}/logging/*.py']",
+                "data.format=text",
+                f"data.output={data}",
+                "data.vocab_size=512",
+                "data.seq_len=64",
+                "data.val_fraction=0.05",
+            ]
+        )
+    )
+    common = [
+        f"data.output={data}",
+        f"tune.storage_path={root}/sweeps",
+        "train.num_workers=1",
+        "train.micro_batch_size=8",
+        "train.precision=fp32",
+        "train.min_lr=1e-6",
+        f"train.max_steps={args.steps}",
+        f"train.eval_every={max(args.steps // 10, 1)}",
+        "train.eval_batches=4",
+        f"train.log_every={max(args.steps // 10, 1)}",
+        f"train.checkpoint_every={max(args.steps // 10, 1)}",
+        "train.keep_checkpoints=1",
+        "train.max_failures=0",
+        SPACE,
+        "tune.num_samples=1",
+        f"tune.max_concurrent={args.concurrent}",
+        f"tune.grace_period={max(args.steps // 10, 1)}",
+        "tune.reduction_factor=3",
+    ]
     results = {}
     for scheduler in ("fifo", "asha"):
         cfg = load_config(overrides=[*common, f"tune.scheduler={scheduler}", f"tune.name={scheduler}", *args.overrides])
         start = time.perf_counter()
         out = tune(cfg)
         results[scheduler] = (time.perf_counter() - start, out)
-        stopped = sum(t["stopped_early"] for t in out["trials"])
-        print(f"{scheduler}: {len(out['trials'])} trials, {stopped} stopped early, {results[scheduler][0]:.1f} s, "
-              f"best val_loss {out['best_metric']:.4f} ({out['best_params']})", flush=True)
+        stopped = sum(t.stopped_early for t in out.trials)
+        print(
+            f"{scheduler}: {len(out.trials)} trials, {stopped} stopped early, {results[scheduler][0]:.1f} s, "
+            f"best val_loss {out.best_metric:.4f} at step {out.best_step} ({out.best_params})",
+            flush=True,
+        )
     (fifo_s, fifo), (asha_s, asha) = results["fifo"], results["asha"]
     print(f"\nASHA / FIFO wall time: {asha_s:.1f} s / {fifo_s:.1f} s = {asha_s / fifo_s:.2f}x (goal <= 0.5x)")
     # What the scheduler itself saved, apart from the per-trial start-up it cannot: steps trained.
-    steps = {name: sum(t["step"] for t in out["trials"]) for name, (_, out) in results.items()}
+    steps = {name: sum(t.step for t in out.trials) for name, (_, out) in results.items()}
     print(f"steps trained: ASHA {steps['asha']} / FIFO {steps['fifo']} = {steps['asha'] / steps['fifo']:.2f}x")
-    gap = (asha["best_metric"] - fifo["best_metric"]) / fifo["best_metric"]
-    print(f"best val_loss: ASHA {asha['best_metric']:.4f} vs FIFO {fifo['best_metric']:.4f} ({gap:+.2%}; goal within 2%)")
+    gap = (asha.best_metric - fifo.best_metric) / fifo.best_metric
+    print(f"best val_loss: ASHA {asha.best_metric:.4f} vs FIFO {fifo.best_metric:.4f} ({gap:+.2%}; goal within 2%)")
     print(f"sweeps in {root}")
     ray.shutdown()
 
