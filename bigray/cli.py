@@ -47,9 +47,9 @@ def _tune(cfg: Config, args) -> None:
     from bigray import display
     from bigray.tune import tune
 
-    out = tune(cfg, resume=args.resume)
-    display.tune_table(out, cfg.tune.metric, cfg.tune.scheduler, list(cfg.tune.search_space))
-    display.tune_summary(out, cfg.tune.metric)
+    out = tune(cfg, resume=args.resume, log=print)
+    display.tune_table(out)
+    display.tune_summary(out)
 
 
 def _serve(cfg: Config, args) -> None:

@@ -129,20 +129,18 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
         sweep_cfg.train.max_steps = min(cfg.train.max_steps, 100)
         sweep_cfg.train.eval_every = min(cfg.train.eval_every, 20)
         sweep_cfg.train.warmup_steps = min(cfg.train.warmup_steps, 10)
-        sweep = tune(sweep_cfg)
-        for trial in sorted(sweep["trials"], key=lambda tr: tr.get("metric", float("inf"))):
-            stopped = " (stopped early by ASHA)" if trial.get("stopped_early") else ""
-            print(
-                f"  {trial['trial_id']}: {trial['params']} -> {cfg.tune.metric} {trial.get('metric', float('nan')):.3f}{stopped}"
-            )
+        # ASHA's rungs (grace_period x reduction_factor^k) must fall on checkpoints: one at every eval.
+        sweep_cfg.train.checkpoint_every = sweep_cfg.train.eval_every
+        sweep = tune(sweep_cfg, log=print)
+        display.tune_table(sweep)
         timings["tune"] = time.perf_counter() - t
 
         # Promote whichever model validates best: the full run or the sweep's best (shorter) trial.
         run_val = run.last.get("val_loss", float("inf"))
         best = (
             (run.export.out_dir, f"train run (val_loss {run_val:.3f})")
-            if run_val <= sweep["best_metric"]
-            else (sweep["best_export"], f"sweep trial {sweep['best_trial']} (val_loss {sweep['best_metric']:.3f})")
+            if run_val <= sweep.best_metric
+            else (sweep.best_export, f"sweep trial {sweep.best_trial} (val_loss {sweep.best_metric:.3f})")
         )
 
         t = _stage(f"serve: {best[1]}")
@@ -168,7 +166,7 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
         written = {
             "shards": cfg.data.output,
             "run": run.run_dir,
-            "sweep": sweep["sweep_dir"],
+            "sweep": sweep.sweep_dir,
             "served model": best[0],
         }
         if local:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from bigray.data.prepare import PrepareResult
     from bigray.train.export import ExportResult
     from bigray.train.trainer import TrainResult
+    from bigray.tune import TuneResult
 
 
 def console() -> Console:
@@ -69,39 +70,29 @@ def export_line(exp: ExportResult) -> None:
           f"(step {exp.step}, probe logits max |diff| {exp.probe_max_abs_diff:.2e})")
 
 
-def tune_table(out: dict, metric: str, scheduler: str, keys: list[str]) -> None:
+def tune_table(out: TuneResult) -> None:
+    """One row per trial, best first (compared at `best_step`); the best in green."""
+    keys = list(out.best.params)
     table = Table(
-        title=f"bigray tune -> {out['sweep_dir']} ({scheduler}, {len(out['trials'])} trials, {out['wall_s']:.0f} s)",
+        title=f"bigray tune -> {out.sweep_dir} ({out.scheduler}, {len(out.trials)} trials, {out.wall_s:.0f} s)",
         title_justify="left",
     )
-    for col in ["trial", *keys, metric, "step", "status"]:
+    for col in ["trial", *keys, out.metric, "step", "status"]:
         table.add_column(col, justify="left" if col in ("trial", "status") else "right")
-    for t in out["trials"]:  # already sorted by the metric, best first
-        status = "stopped early" if t["stopped_early"] else t["status"].lower()
-        params = (
-            f"{t['params'].get(k):.4g}" if isinstance(t["params"].get(k), float) else str(t["params"].get(k))
-            for k in keys
-        )
-        table.add_row(
-            t["trial_id"],
-            *params,
-            f"{t['metric']:.4f}",
-            str(t["step"]),
-            status,
-            style="bold green" if t["trial_id"] == out["best_trial"] else None,
-        )
+    for t in out.trials:
+        params = (f"{v:.4g}" if isinstance(v, float) else str(v) for v in (t.params.get(k) for k in keys))
+        style = "bold green" if t is out.best else None
+        table.add_row(t.trial_id, *params, f"{t.metric:.4f}", str(t.step), t.status, style=style)
     console().print(table)
 
 
-def tune_summary(out: dict, metric: str) -> None:
-    print(f"results: {out['results_csv']}")
-    print(f"plot:    {out['plot']}")
-    print(
-        f"best:    {out['best_yaml']} (trial {out['best_trial']}, {metric} {out['best_metric']:.4f}; "
-        f"run it with bigray train -c {out['best_yaml']})"
-    )
-    print(f"export:  {out['best_export']} (step {out['export']['step']})")
-    print(f"bigray serve serve.model={out['best_export']}")
+def tune_summary(out: TuneResult) -> None:
+    print(f"results: {out.results_csv}")
+    print(f"plot:    {out.plot}")
+    print(f"best:    {out.best_yaml} (trial {out.best_trial}, {out.metric} {out.best_metric:.4f} "
+          f"at step {out.best_step}; run it with bigray train -c {out.best_yaml})")
+    print(f"export:  {out.best_export} (step {out.best_step})")
+    print(f"bigray serve serve.model={out.best_export}")
 
 
 class TrainProgress:
