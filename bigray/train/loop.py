@@ -64,6 +64,9 @@ def train_func(config: dict) -> None:
     # The checkpoint's scheduler state carries the peak LR of the run that wrote it; this run's own
     # train.lr wins (a PBT trial restarts from another trial's checkpoint with a perturbed LR).
     engine.lr_scheduler.base_lrs = [t.lr] * len(engine.lr_scheduler.base_lrs)
+    # Weight decay likewise: the optimizer's param groups come back from the checkpoint with its run's value
+    # (the decay group is the first, as zero.param_groups builds them).
+    engine.optimizer.param_groups[0]["weight_decay"] = t.weight_decay
     run = RunContext(train=t, store=store, rank=rank, world=world, device=device, run_dir=config["run_dir"],
                      tokenizer_dir=config["tokenizer_dir"], probe=config["probe"], hf_cfg=hf_cfg, precision=precision,
                      log=MetricsLog(config["run_dir"], step, store) if rank == 0 else None)
