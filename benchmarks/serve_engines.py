@@ -26,8 +26,10 @@ def hf_reference(model, ids: list[list[int]], max_tokens: int, eos: int) -> list
     out = []
     for p in ids:
         t = torch.tensor([p])
-        gen = model.generate(t, attention_mask=torch.ones_like(t), do_sample=False, max_new_tokens=max_tokens, pad_token_id=eos)
-        out.append([x for x in gen[0, len(p):].tolist()])
+        gen = model.generate(
+            t, attention_mask=torch.ones_like(t), do_sample=False, max_new_tokens=max_tokens, pad_token_id=eos
+        )
+        out.append([x for x in gen[0, len(p) :].tolist()])
     return out
 
 
@@ -51,8 +53,12 @@ def hf_continuous(model, ids: list[list[int]], max_tokens: int) -> tuple[list[li
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-    gen = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=model.config.eos_token_id,
-                           pad_token_id=model.config.eos_token_id)
+    gen = GenerationConfig(
+        max_new_tokens=max_tokens,
+        do_sample=False,
+        eos_token_id=model.config.eos_token_id,
+        pad_token_id=model.config.eos_token_id,
+    )
     cb = ContinuousBatchingConfig(max_requests_per_batch=32, use_cuda_graph=False)
     t0 = time.perf_counter()
     res = model.generate_batch(ids, generation_config=gen, continuous_batching_config=cb, warmup=False)
@@ -80,8 +86,10 @@ def main() -> None:
     ours, _ = bigray_engine(model_dir, ids[:8], args.max_tokens, args.threads)
     theirs, _ = hf_continuous(model, ids[:8], args.max_tokens)
     strip = lambda seq: [t for t in seq if t != tok.eos_token_id]  # noqa: E731 - generate may pad past EOS
-    print(f"greedy parity with generate over 8 prompts: bigray {sum(strip(a) == strip(b) for a, b in zip(ours, ref))}/8, "
-          f"transformers CB {sum(strip(a) == strip(b) for a, b in zip(theirs, ref))}/8")
+    print(
+        f"greedy parity with generate over 8 prompts: bigray {sum(strip(a) == strip(b) for a, b in zip(ours, ref))}/8, "
+        f"transformers CB {sum(strip(a) == strip(b) for a, b in zip(theirs, ref))}/8"
+    )
     print(f"{'in flight':>9} {'bigray tok/s':>13} {'transformers CB tok/s':>22}")
     for n in (1, 8, 32):
         best = {"bigray": 0.0, "cb": 0.0}

@@ -208,6 +208,9 @@ class ServeConfig(Section):
     max_consecutive_failures: int = Field(
         3, ge=1, description="engine steps failing in a row before the health check fails"
     )
+    access_log: bool = Field(
+        False, description="hf engine: Serve logs one access line per request (off: less work per request)"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on GPU"
     )

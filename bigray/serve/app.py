@@ -16,6 +16,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
+import psutil
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -196,6 +197,8 @@ class OpenAIServer:
             "model": self.name,
             **self.engine.stats,
             **self.engine.load(),
+            "pid": os.getpid(),
+            "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
         }
         if problem:
             return JSONResponse(body | {"problem": problem}, status_code=503)
@@ -416,14 +419,17 @@ class OpenAIServer:
             else:
                 lp = self._completion_logprobs(tokens[i], lps[i], 0)[0] if want_lp else None
                 choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish[i]})
-        return {
-            "id": rid,
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": self.name,
-            "choices": choices,
-            "usage": usage,
-        }
+        # A JSONResponse as is: FastAPI would otherwise walk the whole dict through jsonable_encoder first.
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": self.name,
+                "choices": choices,
+                "usage": usage,
+            }
+        )
 
     async def _stream(self, body, items, rid: str, usage: dict, chat: bool, first, events):
         """Server-sent events in OpenAI's chunk format; a client leaving early frees the rows (generate()'s finally).

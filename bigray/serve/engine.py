@@ -513,12 +513,16 @@ class Engine:
                 entries[i] = (chosen[j], dict(zip(top_ids[j][:n], top_vals[j][:n])) if n else {})
         now = time.monotonic()
         generated = 0
+        outbox: dict = {}
         for s, token, entry in zip(seqs, host, entries):
-            generated += self._advance(s, token, entry, now)
+            generated += self._advance(s, token, entry, now, outbox)
+        # One wake-up per event loop per step, not one per token: the loop also serves HTTP.
+        for loop, events in outbox.items():
+            loop.call_soon_threadsafe(_deliver, events)
         self.metrics.generated(generated)
         return tokens
 
-    def _advance(self, s: _Seq, token: int, logprob, now: float) -> int:
+    def _advance(self, s: _Seq, token: int, logprob, now: float, outbox: dict) -> int:
         """Append one token to a sequence, detect EOS / stop strings / length, and emit the new text."""
         if s.cancelled or s.done:
             return 0
@@ -555,7 +559,8 @@ class Engine:
             s.done = True
         delta = text[s.sent : end] if end > s.sent else ""
         s.sent = max(s.sent, end)
-        s.emit(Event(delta, [token], [logprob] if logprob else [], finish, generated))
+        event = Event(delta, [token], [logprob] if logprob else [], finish, generated)
+        outbox.setdefault(s.loop, []).append((s.out, (s.index, event)))
         return 1
 
 
@@ -596,6 +601,11 @@ def sample(logits, params: list[SamplingParams], generators: list):
     picked = torch.searchsorted(cdf, u[:, None]).clamp(max=vocab - 1)
     tokens[rows] = order.gather(1, picked).view(-1)
     return tokens
+
+
+def _deliver(events: list) -> None:
+    for queue, item in events:
+        queue.put_nowait(item)
 
 
 def _left_pad(t, width: int, dim: int = 2):

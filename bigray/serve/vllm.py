@@ -28,7 +28,11 @@ _DEFAULTS = ServeConfig()
 
 def deployment_config(s: ServeConfig) -> dict:
     """Serve deployment options of bigray's hf engine: replicas or autoscaling, and request limits."""
-    out: dict = {"max_ongoing_requests": s.max_ongoing_requests, "max_queued_requests": s.max_queued_requests}
+    out: dict = {
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+        "logging_config": {"enable_access_log": s.access_log},
+    }
     if s.autoscaling is not None:
         # A replica batches up to max_batch_size sequences: scaling out before its batch fills wastes replicas.
         target = s.autoscaling.target_ongoing_requests or s.max_batch_size

@@ -188,7 +188,11 @@ def test_health_fails_on_repeated_failures_a_hung_step_and_a_dead_loop(model_dir
 
     async def hung():
         task = asyncio.ensure_future(collect(e, [(e.encode("x = 1"), greedy(2))]))
-        await asyncio.sleep(0.6)
+        for _ in range(200):  # until the step is inside the (blocked) forward, however loaded the machine
+            if e._step_started is not None:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.4)
         seen.append(e.health())
         release.set()
         await task
@@ -289,3 +293,18 @@ def test_incremental_detokenization_equals_full_decode(model_dir):
                 full[-20:],
             )
     assert "".join(p or "" for p in map(e._decoder().step, sequences[0])) == text
+
+
+def test_pickle_weights_are_refused(tmp_path, model_dir):
+    import os
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    for name in os.listdir(model_dir):
+        if not name.endswith(".safetensors"):
+            shutil.copy(os.path.join(model_dir, name), tmp_path / name)
+    torch.save(load_file(os.path.join(model_dir, "model.safetensors")), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="safetensors"):
+        Engine(str(tmp_path))
