@@ -7,6 +7,7 @@ checked before anything about the request is looked at.
 """
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -25,13 +26,11 @@ from ray import serve
 from bigray.config import ServeConfig
 from bigray.errors import ConfigError
 from bigray.serve.engine import Engine, Overloaded, SamplingParams, Unhealthy, request_id
-from bigray.serve.metrics import EngineMetrics, ServeMetrics
+from bigray.serve.metrics import ServeMetrics
 from bigray.storage import Store
 
 api = FastAPI(title="bigray serve")
 log = logging.getLogger("bigray.serve")
-# One replica per process: the exception handlers (module level, like `api`) count errors through this.
-_metrics: EngineMetrics = EngineMetrics()
 MAX_STOP_CHARS = 256
 
 # The default chat prompt for tokenizers without a chat template (bigray's own BPE has none): one
@@ -65,7 +64,6 @@ def error_response(
 
 @api.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    _metrics.error(exc.code or exc.type)
     response = error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
     if exc.status == 503:
         response.headers["Retry-After"] = str(Overloaded.retry_after_s)
@@ -76,7 +74,6 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     # Still OpenAI-shaped, so clients report it; what went wrong (paths, values) stays in the replica's log.
     log.exception("unhandled error in %s %s", request.method, request.url.path)
-    _metrics.error(type(exc).__name__)
     return error_response(500, "internal server error; the replica's log has the details", "server_error")
 
 
@@ -151,16 +148,53 @@ def _text(content) -> str:
     return "".join(part.get("text", "") for part in content if part.get("type", "text") == "text")
 
 
+async def _translated(events, timeout_s: float | None):
+    """`events` from Engine.generate, its refusals raised as the APIError a client should see."""
+    try:
+        async for item in events:
+            yield item
+    except Overloaded as exc:
+        raise APIError(503, f"server overloaded: {exc}; retry later", "server_error", code="overloaded") from None
+    except Unhealthy as exc:
+        raise APIError(503, f"engine unavailable: {exc}", "server_error", code="engine_unhealthy") from None
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
+    except TimeoutError:
+        raise APIError(
+            504, f"request took longer than serve.request_timeout_s={timeout_s:g} s", "server_error", code="timeout"
+        ) from None
+    finally:
+        await events.aclose()
+
+
+def _counting_errors(route):
+    """Count a route's failures in the replica's metrics, by error code or exception class, then re-raise."""
+
+    @functools.wraps(route)
+    async def counted(self, request: Request):
+        try:
+            return await route(self, request)
+        except APIError as exc:
+            self.metrics.error(exc.code or exc.type)
+            raise
+        except Exception as exc:
+            self.metrics.error(type(exc).__name__)
+            raise
+
+    return counted
+
+
+# Everything the replica class uses is defined above it: Serve's ingress decorator copies the class (cloudpickle,
+# by value) when the decorator runs, so a module-level name defined below it would be missing in the replica.
 @serve.deployment(name="bigray")
 @serve.ingress(api)
 class OpenAIServer:
     """One replica: the model, its engine, and the OpenAI routes."""
 
     def __init__(self, serve_cfg: dict, store: Store, api_key_digest: bytes | None):
-        global _metrics
         s = ServeConfig.model_validate(serve_cfg)
         self.name = model_name(s)
-        _metrics = ServeMetrics(self.name)
+        self.metrics = ServeMetrics(self.name)
         device = "cuda" if s.num_gpus > 0 else "cpu"
         self.engine = Engine(
             store.local_dir(s.model),
@@ -174,7 +208,7 @@ class OpenAIServer:
             max_waiting=s.max_waiting,
             step_timeout_s=s.step_timeout_s,
             max_consecutive_failures=s.max_consecutive_failures,
-            metrics=_metrics,
+            metrics=self.metrics,
         )
         self.max_n, self.max_body, self.timeout_s = s.max_n, s.max_body_bytes, s.request_timeout_s
         self.api_key_digest = api_key_digest
@@ -205,6 +239,7 @@ class OpenAIServer:
         return body
 
     @api.get("/v1/models")
+    @_counting_errors
     async def models(self, request: Request) -> dict:
         self._auth(request)
         return {
@@ -221,6 +256,7 @@ class OpenAIServer:
         }
 
     @api.post("/v1/completions")
+    @_counting_errors
     async def completions(self, request: Request):
         self._auth(request)
         body = await self._body(request, CompletionBody)
@@ -233,6 +269,7 @@ class OpenAIServer:
         return await self._respond(body, prompts, chat=False)
 
     @api.post("/v1/chat/completions")
+    @_counting_errors
     async def chat(self, request: Request):
         self._auth(request)
         body = await self._body(request, ChatBody)
@@ -491,7 +528,7 @@ class OpenAIServer:
                     yield chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
         except APIError as exc:
             # Headers are gone: the error travels as an event, as OpenAI's servers send it.
-            _metrics.error(exc.code or exc.type)
+            self.metrics.error(exc.code or exc.type)
             yield (
                 "data: "
                 + json.dumps(
@@ -534,22 +571,3 @@ class OpenAIServer:
             }
             for t, (lp, top) in zip(tokens, lps)
         ]
-
-
-async def _translated(events, timeout_s: float | None):
-    """`events` from Engine.generate, its refusals raised as the APIError a client should see."""
-    try:
-        async for item in events:
-            yield item
-    except Overloaded as exc:
-        raise APIError(503, f"server overloaded: {exc}; retry later", "server_error", code="overloaded") from None
-    except Unhealthy as exc:
-        raise APIError(503, f"engine unavailable: {exc}", "server_error", code="engine_unhealthy") from None
-    except ValueError as exc:
-        raise APIError(400, str(exc), param="max_tokens", code="context_length_exceeded") from None
-    except TimeoutError:
-        raise APIError(
-            504, f"request took longer than serve.request_timeout_s={timeout_s:g} s", "server_error", code="timeout"
-        ) from None
-    finally:
-        await events.aclose()

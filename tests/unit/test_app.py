@@ -11,6 +11,7 @@ from starlette.requests import Request
 
 from bigray.serve.app import MAX_STOP_CHARS, APIError, CompletionBody, OpenAIServer, _api_error, _internal_error
 from bigray.serve.engine import Engine, Overloaded
+from bigray.serve.metrics import EngineMetrics
 from tests.unit.test_engine import build_tiny_model
 
 
@@ -23,6 +24,7 @@ def server(tmp_path_factory):
     srv = cls.__new__(cls)
     srv.engine = Engine(model_dir, device="cpu", num_threads=1, max_consecutive_failures=1)
     srv.name, srv.max_n, srv.max_body, srv.timeout_s, srv.api_key_digest = "m", 4, 4096, None, None
+    srv.metrics = EngineMetrics()
     return srv
 
 
@@ -106,3 +108,18 @@ def _greedy():
     from bigray.serve.engine import SamplingParams
 
     return SamplingParams(max_tokens=2, temperature=0)
+
+
+def test_replica_class_has_every_module_name_it_uses():
+    """Serve's ingress copies the class when it is decorated: a helper defined below it would be missing there."""
+    import dis
+
+    import bigray.serve.app as module
+
+    cls = next(c for c in OpenAIServer.func_or_class.__mro__ if "check_health" in vars(c))  # the copy Serve ships
+    for name, fn in vars(cls).items():
+        fn = getattr(fn, "__wrapped__", fn)
+        if not hasattr(fn, "__code__"):
+            continue
+        used = {i.argval for i in dis.get_instructions(fn) if i.opname == "LOAD_GLOBAL" and i.argval in vars(module)}
+        assert used <= set(fn.__globals__), (name, used - set(fn.__globals__))
