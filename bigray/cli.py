@@ -43,6 +43,17 @@ def _export(cfg: Config, args) -> None:
     display.export_line(export(args.run_dir, args.out_dir, Store(cfg.storage), checkpoint=args.checkpoint))
 
 
+def _plan(cfg: Config, args) -> None:
+    from bigray import display
+    from bigray.errors import ConfigError
+    from bigray.plan import plan
+
+    result = plan(cfg, gpu_memory_gb=args.gpu_memory, gpus=args.gpus, mfu=args.mfu)
+    display.plan_summary(result)
+    if result.plan.fits is False:
+        raise ConfigError(result.verdict)
+
+
 def _tune(cfg: Config, args) -> None:
     from bigray import display
     from bigray.tune import tune
@@ -130,6 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("out_dir", help="where to write the HF model dir")
     exp.add_argument("--checkpoint", help="a specific checkpoint dir (default: the latest step)")
     exp.set_defaults(func=_export)
+    plan = sub.add_parser(
+        "plan", parents=[common], help="GPU memory per worker, whether it fits, the largest batch that does"
+    )
+    plan.add_argument(
+        "--gpu-memory", type=float, metavar="GB", help="GiB per GPU (default: train.gpu_memory_gb, else this machine's)"
+    )
+    plan.add_argument("--gpus", type=int, metavar="N", help="data-parallel GPUs (default: train.num_workers)")
+    plan.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    plan.set_defaults(func=_plan)
     from bigray.demo import DEFAULT_CONFIG
 
     demo = sub.add_parser(

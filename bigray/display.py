@@ -13,6 +13,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from bigray.data.prepare import PrepareResult
+    from bigray.plan import PlanResult
     from bigray.train.export import ExportResult
     from bigray.train.trainer import TrainResult
     from bigray.tune import TuneResult
@@ -93,6 +94,46 @@ def tune_summary(out: TuneResult) -> None:
           f"at step {out.best_step}; run it with bigray train -c {out.best_yaml})")
     print(f"export:  {out.best_export} (step {out.best_step})")
     print(f"bigray serve serve.model={out.best_export}")
+
+
+def plan_summary(result: PlanResult) -> None:
+    """`bigray plan`: GiB per GPU by category for the config as given and for the proposal, then the verdict."""
+    from bigray.plan import GIB
+
+    plans = [("as configured", result.plan)] + ([("proposed", result.proposal)] if result.proposal else [])
+    table = Table(title=f"bigray plan: {result.model}, {result.shape.n_params / 1e9:.2f} B parameters, "
+                        f"per GPU of {result.plan.world}", title_justify="left")
+    table.add_column("GiB per GPU")
+    for name, _ in plans:
+        table.add_column(name, justify="right")
+    rows = [
+        ("micro batch x accumulation", lambda p: f"{p.micro_batch_size} x {p.grad_accum_steps}"),
+        ("ZeRO stage, offload", lambda p: f"{p.zero_stage}" + (", optimizer" if p.offload_optimizer else "")
+         + (", params" if p.offload_params else "")),
+        ("activation checkpointing", lambda p: "yes" if p.activation_checkpointing else "no"),
+        ("loss, precision", lambda p: f"{p.loss_impl}, {p.precision}"),
+        ("weights", lambda p: f"{p.params / GIB:.2f}"),
+        ("gradients", lambda p: f"{p.grads / GIB:.2f}"),
+        ("optimizer states", lambda p: f"{p.optimizer / GIB:.2f}"),
+        ("DeepSpeed buckets, gathered params", lambda p: f"{p.buckets / GIB:.2f}"),
+        ("activations saved", lambda p: f"{p.activations / GIB:.2f}"),
+        ("logits + loss (backward peak)", lambda p: f"{p.logits / GIB:.2f}"),
+        ("layer backward (recompute, grads)", lambda p: f"{p.layer_backward / GIB:.2f}"),
+        ("peak allocated (torch)", lambda p: f"{p.peak_allocated / GIB:.2f}"),
+        ("CUDA context, fragmentation", lambda p: f"{p.reserved / GIB:.2f}"),
+        ("total", lambda p: f"{p.total / GIB:.2f}"),
+        ("in CPU RAM (offload)", lambda p: f"{p.cpu_offloaded / GIB:.2f}"),
+        ("tokens/s per GPU (all GPUs)", lambda p: "-" if p.tokens_per_s is None else
+         f"{p.tokens_per_s:,.0f} ({p.tokens_per_s * p.world:,.0f})"),
+    ]
+    for label, cell in rows:
+        table.add_row(label, *(cell(p) for _, p in plans), style="bold" if label == "total" else None)
+    out = console()
+    out.print(table)
+    for note in result.notes:
+        out.print(f"- {note}")
+    if result.plan.fits is not False:  # a config that does not fit is the CLI's error message
+        out.print(result.verdict, style="green" if result.plan.fits else "yellow")
 
 
 class TrainProgress:
