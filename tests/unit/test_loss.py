@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,3 +85,51 @@ def test_resolve_loss_impl():
     assert resolve_loss_impl("auto", "cuda", 3) == "chunked"  # ZeRO-3: the path tested with a partitioned lm_head
     with pytest.raises(ConfigError, match="liger needs a CUDA device"):
         resolve_loss_impl("liger", "cpu", 2)
+
+
+def loss_step_peak(impl: str, tokens: int, vocab: int, hidden: int) -> int:
+    """Peak RSS growth (bytes) of one loss forward + backward from fp32 hidden states, in a fresh process."""
+    code = f"""
+import json, resource, psutil, torch
+import torch.nn.functional as F
+from bigray.train.loss import chunked_cross_entropy
+torch.set_num_threads(1)
+torch.manual_seed(0)
+lm_head = torch.nn.Linear({hidden}, {vocab}, bias=False)
+hidden = torch.randn({tokens}, {hidden}, requires_grad=True)
+labels = torch.randint(0, {vocab}, ({tokens},))
+warm = torch.nn.Linear({hidden}, 8, bias=False)  # kernels and their workspaces, tiny
+chunked_cross_entropy(warm, hidden[:4].detach().requires_grad_(), labels[:4] % 8).backward()
+base = psutil.Process().memory_info().rss
+if "{impl}" == "plain":
+    loss = F.cross_entropy(lm_head(hidden).float(), labels)
+else:
+    loss = chunked_cross_entropy(lm_head, hidden, labels)
+loss.backward()
+print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base))
+"""
+    # Big allocations straight from mmap and back: glibc's heap would otherwise keep freed chunks in the RSS.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_chunked_loss_peak_memory_falls_by_the_planned_factor():
+    """Vocab 32k, seq 2048: plain peaks at 12 bytes per logit; chunked at one chunk's logits plus lm_head gradients.
+
+    Hidden 256 keeps the lm_head (32 MiB) small next to the logits (256 MiB fp32), as at real model sizes.
+    """
+    from bigray.plan import loss_bytes
+
+    tokens, vocab, hidden = 2048, 32768, 256
+    plain, chunked = (loss_step_peak(impl, tokens, vocab, hidden) for impl in ("plain", "chunked"))
+    want_plain = loss_bytes("plain", tokens, vocab, hidden, 4)
+    # the lm_head gradient itself, which the planner counts with the other gradients, peaks with the chunked loss
+    want_chunked = loss_bytes("chunked", tokens, vocab, hidden, 4) + 4 * vocab * hidden
+    print(f"plain {plain / 2**20:.0f} MiB (planned {want_plain / 2**20:.0f}), "
+          f"chunked {chunked / 2**20:.0f} MiB (planned {want_chunked / 2**20:.0f}), x{plain / chunked:.1f}")
+    assert plain == pytest.approx(want_plain, rel=0.15)
+    assert chunked == pytest.approx(want_chunked, rel=0.15)
+    assert plain / chunked > 0.85 * want_plain / want_chunked > 6
