@@ -32,6 +32,7 @@ from bigray.storage import Store
 api = FastAPI(title="bigray serve")
 log = logging.getLogger("bigray.serve")
 MAX_STOP_CHARS = 256
+INLINE_TOKENIZE_CHARS = 2048  # prompts up to this many characters are tokenized on the event loop
 
 # The default chat prompt for tokenizers without a chat template (bigray's own BPE has none): one
 # "<role>: <content>" line per message, then "assistant:" for the model to continue.
@@ -264,8 +265,12 @@ class OpenAIServer:
         if isinstance(prompts, str) or prompts and isinstance(prompts[0], int):
             prompts = [prompts]
         self._check_size(len(prompts), body.n)
-        # Tokenizing may take a while for a long prompt: off the event loop, which serves every other request.
-        prompts = await asyncio.to_thread(self._prompts, prompts)
+        # Tokenizing a long prompt takes a while: off the event loop, which serves every other request. A short
+        # one costs less than the hop to a worker thread.
+        size = sum(len(p) for p in prompts if isinstance(p, str))
+        prompts = (
+            self._prompts(prompts) if size <= INLINE_TOKENIZE_CHARS else await asyncio.to_thread(self._prompts, prompts)
+        )
         return await self._respond(body, prompts, chat=False)
 
     @api.post("/v1/chat/completions")
@@ -275,7 +280,12 @@ class OpenAIServer:
         body = await self._body(request, ChatBody)
         self._check_size(1, body.n)
         messages = [{"role": m.role, "content": _text(m.content)} for m in body.messages]
-        ids = await asyncio.to_thread(self._render_chat, messages)
+        size = sum(len(m["content"]) for m in messages)
+        ids = (
+            self._render_chat(messages)
+            if size <= INLINE_TOKENIZE_CHARS
+            else await asyncio.to_thread(self._render_chat, messages)
+        )
         return await self._respond(body, [ids], chat=True)
 
     # ---- request handling ---------------------------------------------------------------------------------
