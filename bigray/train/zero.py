@@ -39,8 +39,24 @@ def deepspeed_config(t: TrainConfig, world_size: int, precision: str, on_gpu: bo
         # Each node writes its own shards: checkpoints go to node-local temp dirs that Ray Train uploads.
         "checkpoint": {"use_node_local_storage": True},
     }
+    if precision == "bf16":
+        # bf16 keeps 8 mantissa bits: summed in bf16, the small micro-batch and rank contributions to a gradient
+        # round away. Reduce (2x the traffic of bf16) and accumulate in fp32; accumulation needs ZeRO >= 1, as
+        # DeepSpeed has no bf16 engine with fp32 accumulation without ZeRO.
+        cfg["communication_data_type"] = "fp32"
+        if t.zero_stage >= 1:
+            cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     # A copy: DeepSpeed and HfDeepSpeedConfig may fill in the dict they get; the config keeps its own.
     return deep_merge(cfg, copy.deepcopy(t.deepspeed))
+
+
+def worker_env_vars(t: TrainConfig) -> dict[str, str]:
+    """Environment for each Ray Train worker: OpenMP threads (torch's CPU ops, DeepSpeed's CPU Adam) per its CPUs.
+
+    Ray leaves an inherited OMP_NUM_THREADS alone, and nodes started by its cluster launcher inherit 1, which
+    would leave an offloaded optimizer step on one core of the cpus_per_worker reserved for it.
+    """
+    return {"OMP_NUM_THREADS": str(max(1, int(t.cpus_per_worker)))}
 
 
 def resolve_precision(requested: str, on_gpu: bool, bf16_ok: bool) -> str:

@@ -53,3 +53,23 @@ def test_no_weight_decay_on_norms_and_biases():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     one_d = {id(p) for n, p in model.named_parameters() if p.ndim == 1}
     assert {id(p) for p in no_decay["params"]} == one_d and one_d.isdisjoint(id(p) for p in decay["params"])
+
+
+def test_bf16_reduces_and_accumulates_gradients_in_fp32_unless_overridden():
+    for stage in (1, 2, 3):
+        cfg = deepspeed_config(train_cfg(f"train.zero_stage={stage}"), 2, "bf16", True)
+        assert cfg["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["communication_data_type"] == "fp32"
+    # DeepSpeed has no bf16 engine with fp32 accumulation without ZeRO: only the all-reduce is fp32 there.
+    zero0 = deepspeed_config(train_cfg("train.zero_stage=0"), 2, "bf16", True)
+    assert "data_types" not in zero0 and zero0["communication_data_type"] == "fp32"
+    assert "communication_data_type" not in deepspeed_config(train_cfg(), 2, "fp32", False)
+    own = train_cfg("train.deepspeed={data_types: {grad_accum_dtype: bf16}, communication_data_type: bf16}")
+    assert deepspeed_config(own, 2, "bf16", True)["data_types"] == {"grad_accum_dtype": "bf16"}
+    assert deepspeed_config(own, 2, "bf16", True)["communication_data_type"] == "bf16"
+
+
+def test_worker_threads_follow_cpus_per_worker():
+    from bigray.train.zero import worker_env_vars
+
+    assert worker_env_vars(train_cfg("train.cpus_per_worker=8")) == {"OMP_NUM_THREADS": "8"}
+    assert worker_env_vars(train_cfg("train.cpus_per_worker=0.5")) == {"OMP_NUM_THREADS": "1"}
