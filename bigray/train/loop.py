@@ -61,12 +61,7 @@ def train_func(config: dict) -> None:
     engine, hf_cfg, precision = setup_engine(t, ModelConfig.model_validate(config["model"]), store, tok["vocab_size"],
                                              seq_len, tok["eos_id"], world, device)
     step = restore(engine, rank, config["resume_from"], store)
-    # The checkpoint's scheduler state carries the peak LR of the run that wrote it; this run's own
-    # train.lr wins (a PBT trial restarts from another trial's checkpoint with a perturbed LR).
-    engine.lr_scheduler.base_lrs = [t.lr] * len(engine.lr_scheduler.base_lrs)
-    # Weight decay likewise: the optimizer's param groups come back from the checkpoint with its run's value
-    # (the decay group is the first, as zero.param_groups builds them).
-    engine.optimizer.param_groups[0]["weight_decay"] = t.weight_decay
+    apply_run_hyperparameters(engine, t)
     run = RunContext(train=t, store=store, rank=rank, world=world, device=device, run_dir=config["run_dir"],
                      tokenizer_dir=config["tokenizer_dir"], probe=config["probe"], hf_cfg=hf_cfg, precision=precision,
                      log=MetricsLog(config["run_dir"], step, store) if rank == 0 else None)
@@ -334,6 +329,17 @@ def restore(engine, rank: int, resume_from: str | None, store: Store) -> int:
         if os.path.exists(rng_path):  # absent when resuming with a different world size
             _set_rng_state(torch.load(rng_path, weights_only=False))
     return client_state["step"]
+
+
+def apply_run_hyperparameters(engine, t: TrainConfig) -> None:
+    """This run's train.lr and train.weight_decay over those a restored checkpoint brought back.
+
+    The scheduler state carries the peak LR of the run that wrote the checkpoint, the optimizer's param
+    groups its weight decay; a PBT trial continues another trial's checkpoint with perturbed values.
+    """
+    engine.lr_scheduler.base_lrs = [t.lr] * len(engine.lr_scheduler.base_lrs)
+    # The decay group is the first, as zero.param_groups builds them.
+    engine.optimizer.param_groups[0]["weight_decay"] = t.weight_decay
 
 
 def _rng_state() -> dict:
