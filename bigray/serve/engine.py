@@ -294,17 +294,20 @@ class Engine:
             self._pending.extend(seqs)
             self.stats["requests"] += 1
         self._wakeup.set()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
+        # One timer for the whole request (a sentinel in its queue), not a wait_for task per token: every extra
+        # event-loop turn is one more GIL hand-off with the engine thread.
+        timer = None if timeout_s is None else loop.call_later(timeout_s, out.put_nowait, (-1, None))
         remaining = len(seqs)
         try:
             while remaining:
-                if deadline is None:
-                    index, event = await out.get()
-                else:
-                    index, event = await asyncio.wait_for(out.get(), max(0.0, deadline - loop.time()))
+                index, event = await out.get()
+                if event is None:
+                    raise TimeoutError(f"no answer within {timeout_s:g} s")
                 remaining -= event.finish_reason is not None
                 yield index, event
         finally:
+            if timer is not None:
+                timer.cancel()
             for s in seqs:
                 s.cancelled = True
 
