@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bigray.errors import ConfigError
 
@@ -37,22 +37,45 @@ class StorageConfig(Section):
 
 
 class DataConfig(Section):
-    inputs: list[str] = Field(default_factory=list, description="local paths, globs or s3:// URIs; {stdlib} expands to Python's standard library dir")
-    exclude: list[str] = Field(default_factory=list, description="glob patterns (fnmatch on the full path) of files to skip")
-    format: Literal["auto", "jsonl", "parquet", "text"] = Field("auto", description="auto picks by extension: .jsonl/.json, .parquet, anything else is text")
+    inputs: list[str] = Field(
+        default_factory=list, description="local paths, globs or s3:// URIs; {stdlib} is Python's standard library dir")
+    exclude: list[str] = Field(
+        default_factory=list, description="glob patterns (fnmatch on the full path) of files to skip")
+    format: Literal["auto", "jsonl", "parquet", "text"] = Field(
+        "auto", description="auto picks by extension: .jsonl/.json, .parquet, anything else is text")
     text_field: str = Field("text", description="jsonl/parquet field holding the document")
     output: str | None = Field(None, description="local dir or s3:// prefix for shards and manifest.json")
-    tokenizer: str | None = Field(None, description="HF tokenizer dir (local or s3://); null: prepare trains one beside the shards")
+    tokenizer: str | None = Field(
+        None, description="HF tokenizer dir (local or s3://); null: prepare trains one beside the shards")
     vocab_size: int = Field(8192, ge=256, le=1 << 20, description="vocab size when bigray trains the tokenizer")
-    tokenizer_sample_mb: float = Field(64.0, gt=0, description="MB of input text the tokenizer is trained on (a seeded sample)")
+    tokenizer_sample_mb: float = Field(
+        64.0, gt=0, description="MB of input text the tokenizer is trained on (a seeded sample)")
     seq_len: int = Field(1024, ge=1, description="tokens per training sequence; rows hold seq_len + 1 ids")
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of documents assigned to the val split")
     min_chars: int = Field(1, ge=0, description="drop documents shorter than this (after NFC)")
-    dedup: bool = Field(True, description="drop exact duplicate documents across the whole corpus")
+    dedup: Literal["exact", "minhash", "none"] = Field(
+        "exact", description="exact: drop repeated documents (content hash); minhash: also near-duplicates; "
+        "true/false mean exact/none")
+    minhash_ngram: int = Field(5, ge=1, description="minhash: tokens per shingle")
+    minhash_permutations: int = Field(128, ge=8, le=1024, description="minhash: signature length (hash permutations)")
+    minhash_threshold: float = Field(
+        0.8, gt=0, lt=1, description="minhash: Jaccard similarity above which documents are near-duplicates")
+    partitions: int = Field(
+        16, ge=1, description="hash partitions that dedup, split, pack and write in parallel; fixed so output never "
+        "depends on the cluster; each drops at most one partial row per split")
+    block_rows: int | None = Field(
+        None, ge=1, description="rows per parquet row group, the unit a reader fetches; null: ~4 MB of tokens")
     seed: int = Field(0, ge=0, description="seeds the train/val split and the tokenizer sample")
     shard_mb: float = Field(64.0, gt=0, description="target size of one parquet shard")
-    on_bad_record: Literal["drop", "error"] = Field("drop", description="bad JSON / missing field / invalid UTF-8: count and drop, or fail")
-    docs_per_task: int = Field(256, ge=1, description="documents per tokenize batch (Ray Data map_batches batch_size)")
+    on_bad_record: Literal["drop", "error"] = Field(
+        "drop", description="bad JSON / missing field / invalid UTF-8: count and drop, or fail")
+    docs_per_task: int = Field(256, ge=1, description="documents per encode batch in a read task (no effect on output)")
+
+    @field_validator("dedup", mode="before")
+    @classmethod
+    def _dedup_bool(cls, value: Any) -> Any:
+        # Configs written before minhash existed say dedup: true/false.
+        return {True: "exact", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class ModelConfig(Section):

@@ -1,15 +1,20 @@
-"""Packing: one EOS-joined token stream per split, cut into rows of seq_len + 1 ids, written as shards."""
+"""Splitting, packing and shard writing: small pure functions over numpy token arrays.
+
+A partition's documents (in input order) form one EOS-joined stream per split, cut into rows of
+seq_len + 1 ids. Rows are written as parquet shards whose row groups each hold `block_rows` rows:
+a block is one row group, fetched by one ranged read of its column chunk (offset, length).
+"""
 
 from __future__ import annotations
 
-import posixpath
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 _MIX1, _MIX2, _GOLDEN = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB), np.uint64(0x9E3779B97F4A7C15)
+BLOCK_BYTES = 4 << 20
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -31,48 +36,74 @@ def is_val(hashes: np.ndarray, seed: int, val_fraction: float) -> np.ndarray:
     return unit_draw(hashes, seed) < val_fraction
 
 
+def partition_of(hashes: np.ndarray, partitions: int) -> np.ndarray:
+    """The partition owning each content hash: equal documents always meet in one partition."""
+    # The top bits: the low bits already pick the split (via splitmix64) and must stay independent.
+    return ((hashes >> np.uint64(32)) % np.uint64(partitions)).astype(np.int64)
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-class ShardWriter:
-    """Packs one split's token stream into rows and writes `<split>-NNNNN.parquet` shards of `rows_per_shard` rows."""
+def block_rows_for(seq_len: int, dtype: np.dtype, block_rows: int | None) -> int:
+    """Rows per block: `data.block_rows`, else as many as fit ~4 MB of uncompressed tokens."""
+    return block_rows or max(1, BLOCK_BYTES // ((seq_len + 1) * dtype.itemsize))
 
-    def __init__(
-        self, fs: pafs.FileSystem, out_dir: str, split: str, seq_len: int, dtype: np.dtype, rows_per_shard: int
-    ):
-        self.fs, self.out_dir, self.split = fs, out_dir, split
-        self.row_len, self.dtype, self.rows_per_shard = seq_len + 1, dtype, rows_per_shard
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
-        self.shards: list[dict] = []
-        self.tail = 0
-        self.type = pa.list_(pa.from_numpy_dtype(dtype), self.row_len)
 
-    def add(self, tokens: np.ndarray) -> None:
-        self.pending.append(tokens.astype(self.dtype, copy=False))
-        self.pending_tokens += len(tokens)
-        while self.pending_tokens >= self.rows_per_shard * self.row_len:
-            self._flush(self.rows_per_shard)
+def gather(tokens: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """tokens[starts[0]:starts[0]+lengths[0]] + tokens[starts[1]:...] + ..., without a Python loop."""
+    total = int(lengths.sum())
+    if total == 0:
+        return tokens[:0]
+    ends = np.cumsum(lengths)
+    offsets = np.arange(total, dtype=np.int64) - np.repeat(ends - lengths, lengths)
+    return tokens[np.repeat(starts, lengths) + offsets]
 
-    def close(self) -> dict:
-        """Write the last (smaller) shard; tokens short of a full row are dropped (no padding)."""
-        rows = self.pending_tokens // self.row_len
-        if rows:
-            self._flush(rows)
-        self.tail = self.pending_tokens
-        rows = sum(s["rows"] for s in self.shards)
-        return {"shards": self.shards, "rows": rows, "tokens": rows * self.row_len}
 
-    def _flush(self, rows: int) -> None:
-        stream = np.concatenate(self.pending)
-        take = rows * self.row_len
-        self.pending, self.pending_tokens = [stream[take:]], len(stream) - take
-        values = pa.array(stream[:take])
-        table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, self.row_len)})
-        name = f"{self.split}-{len(self.shards):05d}.parquet"
-        path = posixpath.join(self.out_dir, name)
-        # Row groups of ~4 MB are the unit Ray Data streams, so readers never hold a whole shard.
-        group = max(1, min(rows, (4 << 20) // (self.row_len * self.dtype.itemsize)))
-        pq.write_table(table, path, filesystem=self.fs, compression="zstd", row_group_size=group)
-        self.shards.append({"path": name, "rows": rows, "bytes": self.fs.get_file_info(path).size})
+def pack(stream: np.ndarray, row_len: int) -> tuple[np.ndarray, int]:
+    """(rows of `row_len` ids, tokens left over); no padding, so only the tail is lost."""
+    rows = len(stream) // row_len
+    return stream[: rows * row_len].reshape(rows, row_len), len(stream) - rows * row_len
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One parquet file's bytes and what the manifest says about it and its blocks."""
+
+    name: str
+    data: bytes
+    rows: int
+    blocks: list[dict]
+
+
+def shards(rows: np.ndarray, prefix: str, rows_per_shard: int, block_rows: int) -> list[Shard]:
+    """`rows` as parquet files `<prefix>-NNN.parquet`, each made of row groups (blocks) of `block_rows` rows.
+
+    `rows_per_shard` is rounded down to whole blocks, so only a file's last block may be short.
+    """
+    per_shard = max(block_rows, rows_per_shard // block_rows * block_rows)
+    out = []
+    for k, first in enumerate(range(0, len(rows), per_shard)):
+        part = rows[first: first + per_shard]
+        name = f"{prefix}-{k:03d}.parquet"
+        values = pa.array(part.reshape(-1))
+        table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, part.shape[1])})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", row_group_size=block_rows)
+        data = sink.getvalue().to_pybytes()
+        out.append(Shard(name, data, len(part), block_ranges(data, name)))
+    return out
+
+
+def block_ranges(data: bytes, name: str) -> list[dict]:
+    """Each row group's rows and the byte range of its (only) column chunk: one ranged read fetches a block."""
+    meta = pq.read_metadata(pa.BufferReader(data))
+    blocks = []
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        column = group.column(0)
+        offset = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+        blocks.append({"id": f"{name.removesuffix('.parquet')}:{g}", "path": name, "row_group": g,
+                       "rows": group.num_rows, "offset": offset, "length": column.total_compressed_size})
+    return blocks

@@ -1,32 +1,42 @@
-"""`bigray prepare`: read -> clean -> tokenize on Ray Data workers, then dedup, split, pack and write.
+"""`bigray prepare`: read -> clean -> tokenize -> dedup -> split -> pack -> write, all in Ray tasks.
 
-The parallel part (reading, NFC, hashing, tokenizing: nearly all the CPU time) runs as fused Ray
-Data tasks. Dedup, split and packing need one global order to be exact and reproducible, so the
-driver consumes the token stream in input order (`preserve_order`) and does that part, which is
-vectorised numpy work on already-tokenized ids. Rows are cut from one EOS-joined stream per
-split, so concatenating a split's rows gives back its documents' token stream exactly.
+Two phases, the classic map/reduce shuffle on Ray core tasks:
+
+- read tasks (one per run of input files) parse, NFC-clean, hash and tokenize their documents and
+  split them by content hash into `data.partitions` parts (plus, for minhash, LSH band keys into
+  as many parts);
+- write tasks (one per partition) take their part from every read task, sort it by input position,
+  drop exact (and near-) duplicates keeping the first occurrence, split by content hash, pack rows
+  and write that partition's shards.
+
+Tokens go from read tasks to write tasks through Ray's object store; the driver only sees counts,
+drop examples and the block list. Equal documents share a hash, so they always meet in one write
+task: dedup is exact over the whole corpus with no global set. Output depends only on the inputs
+and the config (positions, hashes, `data.partitions`), never on task sizes or the cluster.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
 
 from bigray.config import Config, DataConfig, require
-from bigray.data.manifest import MANIFEST_VERSION, SPLITS
-from bigray.data.pack import ShardWriter, is_val, token_dtype
-from bigray.data.read import InputFile, clean, content_hash, documents, resolve_inputs
+from bigray.data.dedup import band_keys, first_occurrence, lsh_params, near_duplicates, signatures
+from bigray.data.manifest import MANIFEST_VERSION, SPLITS, clear_previous
+from bigray.data.pack import block_rows_for, gather, is_val, pack, partition_of, shards, token_dtype
+from bigray.data.read import InputFile, content_hash, documents, read_groups, resolve_inputs, where_of
 from bigray.data.tokenizer import TokenizerInfo, backend, fit_tokenizer, load_tokenizer
 from bigray.errors import DataError
 from bigray.runtime import init_ray
 from bigray.storage import Store, join
+
+# Keys of the data section that change how the work is cut, never what is written.
+EXECUTION_ONLY = ("docs_per_task",)
 
 
 @dataclass(frozen=True)
@@ -36,6 +46,7 @@ class SplitSummary:
     rows: int
     tokens: int
     shards: int
+    blocks: int
     bytes: int
 
 
@@ -60,35 +71,6 @@ class PrepareResult:
         return self.tokens_kept / self.wall_s if self.wall_s > 0 else 0.0
 
 
-def tokenize(batch: pa.Table, tokenizer_json: str, eos_id: int, min_chars: int) -> pa.Table:
-    """Ray Data UDF: documents in, (hash, tokens + EOS, where, reason) out."""
-    reasons = batch["reason"].to_pylist()
-    hashes = np.zeros(len(reasons), dtype=np.uint64)
-    kept_idx, kept_text = [], []
-    for i, text in enumerate(batch["text"].to_pylist()):
-        if reasons[i] is not None:
-            continue
-        text, reasons[i] = clean(text, min_chars)
-        if reasons[i] is None:
-            hashes[i] = content_hash(text)
-            kept_idx.append(i)
-            kept_text.append(text)
-    encodings = backend(tokenizer_json).encode_batch_fast(kept_text, add_special_tokens=False) if kept_text else []
-    lengths = np.zeros(len(reasons), dtype=np.int64)
-    lengths[kept_idx] = [len(e.ids) + 1 for e in encodings]
-    offsets = np.zeros(len(reasons) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    eos = np.array([eos_id], dtype=np.uint32)
-    parts = [p for e in encodings for p in (np.asarray(e.ids, dtype=np.uint32), eos)]
-    values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
-    return pa.table({
-        "hash": hashes,
-        "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
-        "where": batch["where"],
-        "reason": pa.array(reasons, pa.string()),
-    })
-
-
 def prepare(cfg: Config) -> PrepareResult:
     """`bigray prepare`: the whole pipeline, from `data.inputs` to shards + manifest.json in `data.output`."""
     data = cfg.data
@@ -99,68 +81,84 @@ def prepare(cfg: Config) -> PrepareResult:
     init_ray(cfg.ray)
     tok_uri = data.tokenizer or fit_tokenizer(data, store, join(output, "tokenizer"), files)
     tok = load_tokenizer(tok_uri, store)
-    manifest = write_shards(data, store, output, files, tok)
+    manifest = write_dataset(data, store, output, files, tok)
     wall = time.perf_counter() - start
     stats = manifest["stats"]
-    splits = {name: SplitSummary(s["rows"], s["tokens"], len(s["shards"]), sum(x["bytes"] for x in s["shards"]))
-              for name, s in manifest["splits"].items()}
+    splits = {name: SplitSummary(s["rows"], s["tokens"], len(s["shards"]), len(s["blocks"]),
+                                 sum(x["bytes"] for x in s["shards"])) for name, s in manifest["splits"].items()}
     return PrepareResult(output, manifest, splits, stats["docs_read"], stats["docs_kept"], stats["dropped"],
                          stats["drop_examples"], stats["tokens_kept"], data.seq_len, tok.vocab_size, wall)
 
 
-def write_shards(data: DataConfig, store: Store, output: str, files: list[InputFile], tok: TokenizerInfo) -> dict:
-    """Tokenize `files`, dedup, split and pack them into shards under `output`; returns the manifest written."""
-    import ray.data
+def write_dataset(data: DataConfig, store: Store, output: str, files: list[InputFile], tok: TokenizerInfo) -> dict:
+    """Run the read and write tasks for `files`; returns the manifest written to `output`."""
+    import ray
 
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    stream = documents(files, data, store).map_batches(
-        tokenize, batch_size=None, batch_format="pyarrow",
-        fn_kwargs={"tokenizer_json": tok.json, "eos_id": tok.eos_id, "min_chars": data.min_chars},
-    )
-
-    fs, out_dir = store.filesystem(output)
-    _clear_previous(fs, out_dir)
+    parts = data.partitions
+    lsh = lsh_params(data.minhash_threshold, data.minhash_permutations) if data.dedup == "minhash" else None
     dtype = token_dtype(tok.vocab_size)
-    rows_per_shard = max(1, int(data.shard_mb * (1 << 20)) // ((data.seq_len + 1) * dtype.itemsize))
-    writers = {s: ShardWriter(fs, out_dir, s, data.seq_len, dtype, rows_per_shard) for s in SPLITS}
-    dropped: Counter = Counter()
-    examples: dict[str, str] = {}
-    seen: set[int] = set()
-    docs_read = docs_kept = tokens_kept = 0
+    groups = read_groups(files)
+    files_ref, tok_ref = ray.put(files), ray.put(tok.json)
+    read = ray.remote(read_task).options(num_returns=1 + parts * (2 if lsh else 1))
+    outs = [read.remote(files_ref, g, data, store, tok_ref, tok.eos_id, dtype.str, lsh) for g in groups]
+    reads = ray.get([o[0] for o in outs])
 
-    for batch in stream.iter_batches(batch_format="pyarrow", batch_size=None):
-        docs_read += batch.num_rows
-        reasons = batch["reason"]
-        for reason, where in zip(reasons.to_pylist(), batch["where"].to_pylist()):
-            if reason is not None:
-                dropped[reason] += 1
-                examples.setdefault(reason, where)
-        keep = pc.is_null(reasons).to_numpy(zero_copy_only=False)
-        hashes = batch["hash"].to_numpy()
-        if data.dedup:
-            for i in np.flatnonzero(keep):
-                h = int(hashes[i])
-                if h in seen:
-                    keep[i] = False
-                    dropped["duplicate"] += 1
-                    examples.setdefault("duplicate", batch["where"][i].as_py())
-                else:
-                    seen.add(h)
-        val = is_val(hashes, data.seed, data.val_fraction)
-        docs_kept += int(keep.sum())
-        for split, mask in (("train", keep & ~val), ("val", keep & val)):
-            if mask.any():
-                tokens = pc.list_flatten(batch["tokens"].filter(pa.array(mask))).to_numpy()
-                tokens_kept += len(tokens)
-                writers[split].add(tokens)
-
-    if docs_kept == 0:
+    dropped = Counter()
+    first: dict[str, tuple[int, str]] = {}
+    for r in reads:
+        dropped.update(r["dropped"])
+        for reason, example in r["first"].items():
+            first[reason] = min(first.get(reason, example), example)
+    docs_read = sum(r["docs_read"] for r in reads)
+    if sum(r["docs"] for r in reads) == 0:
         raise DataError(f"empty corpus: {docs_read} documents read from {len(files)} files, none kept "
                         f"(dropped: {dict(dropped) or 'none'})")
-    splits = {s: w.close() for s, w in writers.items()}
+
+    marks = [[] for _ in range(parts)]
+    if lsh:
+        band = ray.remote(band_task).options(num_returns=parts) if parts > 1 else ray.remote(band_task)
+        for q in range(parts):
+            got = band.remote(parts, data.minhash_threshold, *(o[1 + parts + q] for o in outs))
+            for p, ref in enumerate(got if parts > 1 else [got]):
+                marks[p].append(ref)
+
+    clear_previous(store, output)
+    row_len = data.seq_len + 1
+    block_rows = block_rows_for(data.seq_len, dtype, data.block_rows)
+    rows_per_shard = max(1, int(data.shard_mb * (1 << 20)) // (row_len * dtype.itemsize))
+    write = ray.remote(write_task)
+    written = ray.get([
+        write.remote(p, data, store, output, row_len, rows_per_shard, block_rows, len(outs),
+                     *(o[1 + p] for o in outs), *marks[p])
+        for p in range(parts)
+    ])
+    del outs, marks  # the token parts: free the object store as soon as every write task is done
+
+    for w in written:
+        dropped.update(w["dropped"])
+        for reason, example in w["first"].items():
+            first[reason] = min(first.get(reason, example), example)
+    examples = {reason: where for reason, (_, where) in first.items()}
+    if "duplicate" in first:
+        examples["duplicate"] = where_of(files, first["duplicate"][0])
+    if "near_duplicate" in first:
+        pos, kept = first["near_duplicate"]
+        examples["near_duplicate"] = f"{where_of(files, pos)} ~ {where_of(files, kept)}"
+
+    splits = {}
+    for split in SPLITS:
+        parts_written = [w["splits"][split] for w in written]
+        blocks, start = [], 0
+        for block in itertools.chain.from_iterable(s["blocks"] for s in parts_written):
+            blocks.append({**block, "start": start})
+            start += block["rows"]
+        rows = sum(s["rows"] for s in parts_written)
+        splits[split] = {"rows": rows, "tokens": rows * row_len,
+                         "shards": [sh for s in parts_written for sh in s["shards"]], "blocks": blocks}
+    tokens_kept = sum(w["tokens_kept"] for w in written)
     if splits["train"]["rows"] == 0:
         raise DataError(f"corpus too small: {tokens_kept} tokens kept, not one train row of "
-                        f"seq_len + 1 = {data.seq_len + 1} tokens")
+                        f"seq_len + 1 = {row_len} tokens in any of the {parts} partitions (data.partitions)")
 
     tok_out = join(output, "tokenizer")
     if tok.uri.rstrip("/") != tok_out:
@@ -169,28 +167,149 @@ def write_shards(data: DataConfig, store: Store, output: str, files: list[InputF
         "version": MANIFEST_VERSION,
         "seq_len": data.seq_len,
         "dtype": dtype.name,
+        "block_rows": block_rows,
+        "partitions": parts,
         "tokenizer": {"path": "tokenizer", "source": tok.uri, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
                       "eos_id": tok.eos_id},
         "splits": splits,
         "sources": [f.uri for f in files],
         "stats": {
             "docs_read": docs_read,
-            "docs_kept": docs_kept,
+            "docs_kept": sum(w["docs_kept"] for w in written),
             "dropped": dict(sorted(dropped.items())),
             "drop_examples": dict(sorted(examples.items())),
             "tokens_kept": tokens_kept,
-            "tail_tokens_dropped": {s: w.tail for s, w in writers.items()},
+            # At most one partial row per split and partition: rows never span partitions.
+            "tail_tokens_dropped": {s: sum(w["splits"][s]["tail"] for w in written) for s in SPLITS},
         },
-        "config": data.model_dump(mode="json"),
+        "config": data.model_dump(mode="json", exclude=set(EXECUTION_ONLY)),
     }
     store.write_text(join(output, "manifest.json"), json.dumps(manifest, indent=2))
     return manifest
 
 
-def _clear_previous(fs: pafs.FileSystem, out_dir: str) -> None:
-    """Remove shards and manifest of an earlier run so no stale shard outlives its manifest."""
-    fs.create_dir(out_dir, recursive=True)
-    for info in fs.get_file_info(pafs.FileSelector(out_dir)):
-        name = info.base_name
-        if name == "manifest.json" or (name.endswith(".parquet") and name.split("-")[0] in SPLITS):
-            fs.delete_file(info.path)
+def read_task(files: list[InputFile], indices: list[int], data: DataConfig, store: Store, tok_json: str, eos_id: int,
+              dtype: str, lsh: tuple[int, int] | None) -> list:
+    """Ray task: read, clean and tokenize `files[indices]`; returns [summary, doc part per partition, band parts].
+
+    A doc part holds (pos, hash, lengths, tokens + EOS) of the documents whose hash the partition owns.
+    """
+    dtype = np.dtype(dtype)
+    eos = dtype.type(eos_id)
+    tok = backend(tok_json)
+    dropped: Counter = Counter()
+    first: dict[str, tuple[int, str]] = {}
+    pos, hashes, lengths, chunks = [], [], [], []
+    docs_read = 0
+    batch: list[tuple[int, str, str]] = []
+
+    def encode() -> None:
+        try:
+            encodings = tok.encode_batch_fast([text for _, text, _ in batch], add_special_tokens=False)
+        except Exception as exc:  # noqa: BLE001 - name the document range instead of a bare tokenizer error
+            where = f"{batch[0][2]} .. {batch[-1][2]}"
+            raise DataError(f"{where}: tokenizer failed ({type(exc).__name__}: {exc})") from None
+        ids = [e.ids for e in encodings]
+        n = [len(x) + 1 for x in ids]
+        chunks.append(np.fromiter(itertools.chain.from_iterable(itertools.chain(x, (eos,)) for x in ids),
+                                  dtype=dtype, count=sum(n)))
+        lengths.extend(n)
+        pos.extend(p for p, _, _ in batch)
+        hashes.extend(content_hash(text) for _, text, _ in batch)
+        batch.clear()
+
+    for p, text, where, reason in documents(files, indices, data, store):
+        docs_read += 1
+        if reason is not None:
+            dropped[reason] += 1
+            first.setdefault(reason, (p, where))
+            continue
+        batch.append((p, text, where))
+        if len(batch) >= data.docs_per_task:
+            encode()
+    if batch:
+        encode()
+
+    pos_a = np.array(pos, dtype=np.int64)
+    hash_a = np.array(hashes, dtype=np.uint64)
+    len_a = np.array(lengths, dtype=np.int64)
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
+    starts = np.cumsum(len_a) - len_a
+    part = partition_of(hash_a, data.partitions)
+    summary = {"docs_read": docs_read, "docs": len(pos_a), "dropped": dict(dropped), "first": first}
+    out: list = [summary]
+    for p in range(data.partitions):
+        idx = np.flatnonzero(part == p)
+        out.append({"pos": pos_a[idx], "hash": hash_a[idx], "lengths": len_a[idx],
+                    "tokens": gather(tokens, starts[idx], len_a[idx])})
+    if lsh:
+        bands, rows = lsh
+        # Shingles of the document's own tokens (its EOS left out).
+        sigs, has = signatures(tokens, starts, len_a - 1, data.minhash_ngram, data.minhash_permutations, data.seed)
+        keys = band_keys(sigs, bands, rows).reshape(-1)
+        doc = np.repeat(np.arange(len(has)), bands)
+        # One byte per permutation is enough to verify a candidate pair (b-bit MinHash), 4x less to shuffle.
+        sig8 = (sigs & 0xFF).astype(np.uint8)
+        owner = (keys % np.uint64(data.partitions)).astype(np.int64)
+        for q in range(data.partitions):
+            idx = np.flatnonzero(owner == q)
+            out.append({"key": keys[idx], "pos": pos_a[has][doc[idx]], "part": part[has][doc[idx]],
+                        "sig8": sig8[doc[idx]]})
+    return out
+
+
+def band_task(partitions: int, threshold: float, *band_parts: dict) -> list | dict:
+    """Ray task: for one range of LSH band keys, the (later, first) near-duplicate pairs, per document partition."""
+    keys = np.concatenate([b["key"] for b in band_parts])
+    pos = np.concatenate([b["pos"] for b in band_parts])
+    part = np.concatenate([b["part"] for b in band_parts])
+    sig8 = np.concatenate([b["sig8"] for b in band_parts])
+    later, first = near_duplicates(keys, pos, sig8, threshold)
+    later_part = dict(zip(pos.tolist(), part.tolist())) if len(later) else {}
+    owner = np.array([later_part[p] for p in later.tolist()], dtype=np.int64)
+    out = [{"later": later[owner == p], "first": first[owner == p]} for p in range(partitions)]
+    return out if partitions > 1 else out[0]
+
+
+def write_task(p: int, data: DataConfig, store: Store, output: str, row_len: int, rows_per_shard: int,
+               block_rows: int, n_reads: int, *parts: dict) -> dict:
+    """Ray task: dedup, split, pack and write partition `p`; returns its shards, blocks and counts."""
+    docs, marks = parts[:n_reads], parts[n_reads:]
+    pos = np.concatenate([d["pos"] for d in docs])
+    hashes = np.concatenate([d["hash"] for d in docs])
+    lengths = np.concatenate([d["lengths"] for d in docs])
+    tokens = np.concatenate([d["tokens"] for d in docs])
+    starts = np.cumsum(lengths) - lengths
+    order = np.argsort(pos, kind="stable")
+    pos, hashes, lengths, starts = pos[order], hashes[order], lengths[order], starts[order]
+
+    dropped: dict[str, int] = {}
+    first: dict[str, tuple] = {}
+    keep = np.ones(len(pos), dtype=bool)
+    if data.dedup != "none":
+        keep = first_occurrence(hashes)
+        if (~keep).any():
+            dropped["duplicate"] = int((~keep).sum())
+            first["duplicate"] = (int(pos[~keep][0]), "")
+    if marks:
+        later = np.concatenate([m["later"] for m in marks])
+        earlier = np.concatenate([m["first"] for m in marks])
+        near = keep & np.isin(pos, later)
+        if near.any():
+            dropped["near_duplicate"] = int(near.sum())
+            at = int(pos[near][0])
+            first["near_duplicate"] = (at, int(earlier[later == at].min()))
+            keep &= ~near
+
+    val = is_val(hashes, data.seed, data.val_fraction)
+    splits = {}
+    for split, mask in (("train", keep & ~val), ("val", keep & val)):
+        rows, tail = pack(gather(tokens, starts[mask], lengths[mask]), row_len)
+        written = shards(rows, f"{split}-{p:05d}", rows_per_shard, block_rows) if len(rows) else []
+        for shard in written:
+            store.write_bytes(join(output, shard.name), shard.data)
+        splits[split] = {"rows": len(rows), "tail": tail,
+                         "shards": [{"path": s.name, "rows": s.rows, "bytes": len(s.data)} for s in written],
+                         "blocks": [b for s in written for b in s.blocks]}
+    return {"splits": splits, "dropped": dropped, "first": first, "docs_kept": int(keep.sum()),
+            "tokens_kept": int(lengths[keep].sum())}

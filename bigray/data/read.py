@@ -1,7 +1,10 @@
 """Find input files and turn them into documents, counting (or failing on) bad records.
 
-Every document carries `where` ("file:line" for jsonl, "file#row" for parquet, "file" for text)
-so an error or a dropped record can be traced back to its source.
+Every document has a position: its file's index in the sorted input list and its record key in
+that file (line number for jsonl, row for parquet, 0 for a text file), packed into one int64 that
+sorts in input order. Positions make dedup keep the first occurrence and make the output
+independent of how files are grouped into tasks. `where` ("file:line", "file#row", "file") names
+a document's source in errors and drop examples.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import math
 import os
 import sysconfig
 import unicodedata
@@ -22,9 +26,12 @@ from bigray.config import DataConfig
 from bigray.errors import DataError
 from bigray.storage import Store
 
-DOC_SCHEMA = pa.schema([("text", pa.large_string()), ("where", pa.string()), ("reason", pa.string())])
 _EXT_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 _CHUNK = 4 << 20
+# Input bytes per read task: a read task holds its tokens until the write tasks take them.
+READ_TASK_BYTES = 64 << 20
+# 2^40 records per file and 2^23 files: a position fits an int64 and sorts as (file, record).
+KEY_BITS = 40
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,16 @@ def clean(text: str, min_chars: int) -> tuple[str, str | None]:
     return text, ("too_short" if len(text) < min_chars else None)
 
 
+def position(file_index: int, key: int) -> int:
+    return (file_index << KEY_BITS) | key
+
+
+def where_of(files: list[InputFile], pos: int) -> str:
+    """The `where` of the document at `pos` (the inverse of `position`, as `records` names it)."""
+    f, key = files[pos >> KEY_BITS], pos & ((1 << KEY_BITS) - 1)
+    return {"jsonl": f"{f.uri}:{key}", "parquet": f"{f.uri}#{key}"}.get(f.format, f.uri)
+
+
 def resolve_inputs(data: DataConfig, store: Store) -> list[InputFile]:
     """Expand `data.inputs` to a sorted, de-duplicated file list; a pattern matching nothing is an error."""
     if not data.inputs:
@@ -65,12 +82,37 @@ def resolve_inputs(data: DataConfig, store: Store) -> list[InputFile]:
                 continue
             fmt = data.format if data.format != "auto" else _EXT_FORMAT.get(os.path.splitext(uri)[1].lower(), "text")
             seen[uri] = InputFile(uri, fmt, 0)
+    if len(seen) >= 1 << (63 - KEY_BITS):
+        raise DataError(f"data.inputs: {len(seen):,} files; at most {1 << (63 - KEY_BITS):,} (concatenate small files)")
     return [InputFile(f.uri, f.format, _size(f.uri, store)) for f in seen.values()]
 
 
 def _size(uri: str, store: Store) -> int:
     fs, path = store.filesystem(uri)
     return fs.get_file_info(path).size or 0
+
+
+def read_groups(files: list[InputFile]) -> list[list[int]]:
+    """Files cut into read tasks: >= 4 per CPU of the cluster, <= READ_TASK_BYTES of input each (bounds its memory)."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return group_files(files, max(4 * cpus, math.ceil(sum(f.size for f in files) / READ_TASK_BYTES)))
+
+
+def group_files(files: list[InputFile], groups: int) -> list[list[int]]:
+    """Indices of `files` cut into at most `groups` runs of consecutive files with similar byte counts."""
+    total = sum(max(f.size, 1) for f in files)
+    out: list[list[int]] = [[]]
+    done = 0
+    for i, f in enumerate(files):
+        size = max(f.size, 1)
+        # A file opens the next run when its middle lies past the current run's share.
+        if out[-1] and done + size / 2 >= total * len(out) / groups:
+            out.append([])
+        out[-1].append(i)
+        done += size
+    return out
 
 
 def _lines(stream) -> Iterator[bytes]:
@@ -84,16 +126,16 @@ def _lines(stream) -> Iterator[bytes]:
         yield rest
 
 
-def _records(f: InputFile, text_field: str, store: Store) -> Iterator[tuple[str | None, str, str | None]]:
-    """(text, where, drop_reason) for each record of one file."""
+def records(f: InputFile, text_field: str, store: Store) -> Iterator[tuple[int, str | None, str, str | None]]:
+    """(key, text, where, drop_reason) for each record of one file, keys increasing."""
     fs, path = store.filesystem(f.uri)
     if f.format == "text":
         with fs.open_input_stream(path) as stream:
             raw = stream.read()
         try:
-            yield raw.decode("utf-8"), f.uri, None
+            yield 0, raw.decode("utf-8"), f.uri, None
         except UnicodeDecodeError as exc:
-            yield None, f"{f.uri} (byte {exc.start})", "invalid_utf8"
+            yield 0, None, f"{f.uri} (byte {exc.start})", "invalid_utf8"
     elif f.format == "jsonl":
         with fs.open_input_stream(path) as stream:
             for lineno, line in enumerate(_lines(stream), start=1):
@@ -103,16 +145,16 @@ def _records(f: InputFile, text_field: str, store: Store) -> Iterator[tuple[str 
                 try:
                     record = json.loads(line.decode("utf-8"))
                 except UnicodeDecodeError:
-                    yield None, where, "invalid_utf8"
+                    yield lineno, None, where, "invalid_utf8"
                     continue
                 except json.JSONDecodeError:
-                    yield None, where, "invalid_json"
+                    yield lineno, None, where, "invalid_json"
                     continue
                 value = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(value, str):
-                    yield None, where, "missing_field"
+                    yield lineno, None, where, "missing_field"
                 else:
-                    yield value, where, None
+                    yield lineno, value, where, None
     else:
         with fs.open_input_file(path) as handle:
             pf = pq.ParquetFile(handle)
@@ -125,50 +167,28 @@ def _records(f: InputFile, text_field: str, store: Store) -> Iterator[tuple[str 
                 if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
                     raise DataError(f"{f.uri}: column {text_field!r} has type {column.type}, expected string")
                 for value in column.to_pylist():
-                    yield value, f"{f.uri}#{row}", None if value is not None else "missing_field"
+                    yield row, value, f"{f.uri}#{row}", None if value is not None else "missing_field"
                     row += 1
 
 
-def read_files(
-    batch: dict, text_field: str, store: Store, on_bad_record: str, docs_per_batch: int
-) -> Iterator[pa.Table]:
-    """Ray Data map_batches UDF: rows of input files in, rows of documents out (streamed)."""
-    rows: list[tuple] = []
-    for uri, fmt, size in zip(batch["uri"], batch["format"], batch["size"]):
-        f = InputFile(str(uri), str(fmt), int(size))
+def documents(
+    files: list[InputFile], indices: list[int], data: DataConfig, store: Store
+) -> Iterator[tuple[int, str | None, str, str | None]]:
+    """(position, cleaned text, where, drop_reason) for every record of `files[i]` for i in `indices`, in order.
+
+    Raises DataError naming the file (and line) for unreadable files and, with on_bad_record=error, bad records.
+    """
+    for i in indices:
+        f = files[i]
         try:
-            for text, where, reason in _records(f, text_field, store):
-                if reason and on_bad_record == "error":
+            for key, text, where, reason in records(f, data.text_field, store):
+                if reason and data.on_bad_record == "error":
                     raise DataError(f"{where}: bad record ({reason.replace('_', ' ')}); "
                                     "set data.on_bad_record=drop to count and skip such records")
-                rows.append((text, where, reason))
-                if len(rows) >= docs_per_batch:
-                    yield _table(rows)
-                    rows = []
+                if reason is None:
+                    text, reason = clean(text, data.min_chars)
+                yield position(i, key), text, where, reason
         except DataError:
             raise
         except (OSError, pa.ArrowException) as exc:
             raise DataError(f"{f.uri}: unreadable as {f.format} ({exc})") from None
-    if rows:
-        yield _table(rows)
-
-
-def _table(rows: list[tuple]) -> pa.Table:
-    text, where, reason = zip(*rows)
-    columns = [pa.array(text, pa.large_string()), pa.array(where), pa.array(reason, pa.string())]
-    return pa.Table.from_arrays(columns, schema=DOC_SCHEMA)
-
-
-def documents(files: list[InputFile], data: DataConfig, store: Store):
-    """A Ray Dataset of documents (text, where, reason) in input-file order."""
-    import ray.data
-
-    items = [{"uri": f.uri, "format": f.format, "size": f.size} for f in files]
-    # Several blocks per CPU keep both cores busy while small files are batched into one task.
-    blocks = max(1, min(len(items), 4 * max(1, int(ray.cluster_resources().get("CPU", 1)))))
-    return ray.data.from_items(items, override_num_blocks=blocks).map_batches(
-        read_files,
-        batch_size=None,
-        fn_kwargs={"text_field": data.text_field, "store": store, "on_bad_record": data.on_bad_record,
-                   "docs_per_batch": data.docs_per_task},
-    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import os
 import tempfile
@@ -14,7 +15,7 @@ import numpy as np
 
 from bigray.config import Config, DataConfig, require
 from bigray.data.pack import unit_draw
-from bigray.data.read import InputFile, clean, content_hash, documents, resolve_inputs
+from bigray.data.read import InputFile, content_hash, documents, read_groups, resolve_inputs
 from bigray.errors import DataError
 from bigray.runtime import init_ray
 from bigray.storage import Store, is_remote
@@ -45,20 +46,36 @@ def train_tokenizer(cfg: Config) -> TokenizerInfo:
 
 
 def fit_tokenizer(data: DataConfig, store: Store, out_uri: str, files: list[InputFile]) -> str:
-    """Train a byte-level BPE on a seeded `data.tokenizer_sample_mb` sample of `files`; returns `out_uri`."""
+    """Train a byte-level BPE on a seeded `data.tokenizer_sample_mb` sample of `files`; returns `out_uri`.
+
+    Read tasks draw the sample and one task trains on it and saves it: no text passes through the driver.
+    """
+    import ray
+
     total = sum(f.size for f in files) or 1
     rate = min(1.0, data.tokenizer_sample_mb * (1 << 20) / total)
+    files_ref = ray.put(files)
+    sample = ray.remote(sample_task)
+    samples = [sample.remote(files_ref, g, data, store, rate) for g in read_groups(files)]
+    return ray.get(ray.remote(fit_task).remote(data.vocab_size, store, out_uri, *samples))
 
-    def sample():
-        for batch in documents(files, data, store).iter_batches(batch_format="pyarrow", batch_size=None):
-            cleaned = (clean(t, data.min_chars) for t, r in zip(batch["text"].to_pylist(), batch["reason"].to_pylist())
-                       if r is None)
-            texts = [t for t, reason in cleaned if reason is None]
-            if texts:
-                draws = unit_draw(np.array([content_hash(t) for t in texts], dtype=np.uint64), data.seed + 1)
-                yield from (t for t, d in zip(texts, draws) if d < rate)
 
-    save_dir(lambda d: train_bpe(sample(), data.vocab_size, d), out_uri, store)
+def sample_task(files: list[InputFile], indices: list[int], data: DataConfig, store: Store, rate: float) -> list[str]:
+    """Ray task: the documents of `files[indices]` drawn into the tokenizer sample (seeded by content)."""
+    out, texts = [], []
+    for _, text, _, reason in itertools.chain(documents(files, indices, data, store), [(0, None, "", "end")]):
+        if reason is None:
+            texts.append(text)
+        if texts and (len(texts) >= data.docs_per_task or reason == "end"):
+            draws = unit_draw(np.array([content_hash(t) for t in texts], dtype=np.uint64), data.seed + 1)
+            out.extend(t for t, d in zip(texts, draws) if d < rate)
+            texts = []
+    return out
+
+
+def fit_task(vocab_size: int, store: Store, out_uri: str, *samples: list[str]) -> str:
+    """Ray task: train the BPE on the drawn samples (in input order) and save it at `out_uri`."""
+    save_dir(lambda d: train_bpe(itertools.chain.from_iterable(samples), vocab_size, d), out_uri, store)
     return out_uri
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import random
 import unicodedata
@@ -40,7 +41,7 @@ def tokenizer_dir(tmp_path_factory, ray_cluster):
 def cfg_for(inputs, output, tokenizer, *extra):
     return load_config(overrides=[
         f"data.inputs={json.dumps([str(i) for i in inputs])}", f"data.output={output}",
-        f"data.tokenizer={tokenizer}", "data.seq_len=31", "data.val_fraction=0", *extra,
+        f"data.tokenizer={tokenizer}", "data.seq_len=31", "data.val_fraction=0", "data.partitions=1", *extra,
     ])
 
 
@@ -64,6 +65,42 @@ def split_rows(out_dir, split):
     return manifest, np.concatenate([np.stack(t["tokens"].to_numpy(zero_copy_only=False)) for t in tables])
 
 
+def check_blocks(output: str, manifest: dict) -> None:
+    """Every block of every split is its row group, fetched with one ranged read (plus its file's footer once)."""
+    import pyarrow as pa
+
+    from bigray.data.manifest import blocks
+    from bigray.storage import Store, join
+
+    assert manifest["version"] == 2
+    for split, info in manifest["splits"].items():
+        listed = blocks(manifest, split)
+        assert sum(b["rows"] for b in listed) == info["rows"]
+        assert [b["start"] for b in listed] == np.cumsum([0] + [b["rows"] for b in listed])[:-1].tolist()
+        assert len({b["id"] for b in listed}) == len(listed)
+        sizes = {s["path"]: s["bytes"] for s in info["shards"]}
+        assert sorted({b["path"] for b in listed}) == sorted(sizes)
+        footers = {}
+        for block in listed:
+            fs, path = Store().filesystem(join(output, block["path"]))
+            with fs.open_input_file(path) as f:
+                size = sizes[block["path"]]
+                if block["path"] not in footers:
+                    length = int.from_bytes(f.read_at(8, size - 8)[:4], "little") + 8
+                    footers[block["path"]] = f.read_at(length, size - length)
+                    whole = pq.ParquetFile(f)
+                    assert whole.metadata.num_row_groups == sum(b["path"] == block["path"] for b in listed)
+                data = f.read_at(block["length"], block["offset"])
+                reference = pq.ParquetFile(f).read_row_group(block["row_group"])
+            sparse = bytearray(size)
+            sparse[block["offset"]: block["offset"] + block["length"]] = data
+            sparse[size - len(footers[block["path"]]):] = footers[block["path"]]
+            table = pq.ParquetFile(pa.BufferReader(bytes(sparse))).read_row_group(block["row_group"])
+            assert table.num_rows == block["rows"] and table.equals(reference)
+            if block is not listed[-1] and listed[listed.index(block) + 1]["path"] == block["path"]:
+                assert block["rows"] == manifest["block_rows"], "only a file's last block may be short"
+
+
 def test_local_roundtrip_reproduces_token_stream(tmp_path, tokenizer_dir):
     docs = make_docs(120)
     a = write_jsonl(tmp_path / "a.jsonl", docs[:70])
@@ -72,7 +109,7 @@ def test_local_roundtrip_reproduces_token_stream(tmp_path, tokenizer_dir):
 
     pq.write_table(pa.table({"text": docs[70:]}), b)
     out = tmp_path / "out"
-    result = prepare(cfg_for([a, b], out, tokenizer_dir, "data.shard_mb=0.0005"))
+    result = prepare(cfg_for([a, b], out, tokenizer_dir, "data.shard_mb=0.0005", "data.block_rows=4"))
 
     manifest, rows = split_rows(out, "train")
     L = 32
@@ -88,6 +125,8 @@ def test_local_roundtrip_reproduces_token_stream(tmp_path, tokenizer_dir):
     assert manifest["tokenizer"]["eos_id"] == int(expected[-1])
     assert (out / "tokenizer" / "tokenizer.json").exists()
     assert result.tokens_per_s > 0 and result.splits["train"].rows == train["rows"]
+    assert result.splits["train"].blocks == len(train["blocks"]) > len(train["shards"])
+    check_blocks(str(out), manifest)
 
 
 def test_s3_roundtrip_and_streaming_reader(tmp_path, s3, tokenizer_dir, ray_cluster):
@@ -100,7 +139,8 @@ def test_s3_roundtrip_and_streaming_reader(tmp_path, s3, tokenizer_dir, ray_clus
         client.put_object(Bucket=s3.bucket, Key=f"raw/part-{i}.jsonl", Body=body)
     Store().copy_dir(tokenizer_dir, s3.uri("tok"))
     out = s3.uri("prepared")
-    cfg = cfg_for([s3.uri("raw/*.jsonl")], out, s3.uri("tok"), "data.text_field=body", "data.val_fraction=0.2")
+    cfg = cfg_for([s3.uri("raw/*.jsonl")], out, s3.uri("tok"), "data.text_field=body", "data.val_fraction=0.2",
+                  "data.partitions=3", "data.block_rows=8")
     prepare(cfg)
 
     keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket, Prefix="prepared/")["Contents"]}
@@ -112,6 +152,7 @@ def test_s3_roundtrip_and_streaming_reader(tmp_path, s3, tokenizer_dir, ray_clus
         assert all(f"prepared/{s['path']}" in keys for s in split["shards"])
     assert manifest["splits"]["val"]["rows"] > 0
     assert manifest["stats"]["docs_kept"] == 200
+    check_blocks(out, manifest)
 
     ds = load_split(out, "train")
     batches = list(ds.iter_torch_batches(batch_size=8, drop_last=True))
@@ -125,7 +166,7 @@ def test_dedup_nfc_and_min_chars(tmp_path, tokenizer_dir):
     corpus = docs + docs[:10] + ["tiny", nfd, unicodedata.normalize("NFC", nfd)]
     src = write_jsonl(tmp_path / "c.jsonl", corpus)
     out = tmp_path / "out"
-    prepare(cfg_for([src], out, tokenizer_dir, "data.min_chars=10"))
+    prepare(cfg_for([src], out, tokenizer_dir, "data.min_chars=10", "data.dedup=exact"))
     manifest, rows = split_rows(out, "train")
     stats = manifest["stats"]
     assert stats["docs_read"] == 63
@@ -233,3 +274,163 @@ def test_empty_corpus_is_an_error(tmp_path, tokenizer_dir):
     with pytest.raises(DataError, match=r"empty corpus: 2 documents read .* 'invalid_json': 1"):
         prepare(cfg_for([jl], tmp_path / "out", tokenizer_dir, "data.min_chars=5"))
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# --- corpus scale: tasks, partitions, determinism, the driver --------------------------------
+
+
+def planted_corpus(tmp_path, n_files=5, per_file=40):
+    """jsonl files whose documents repeat within and across files (the repeats land in other read tasks)."""
+    docs = make_docs(n_files * per_file, seed=11)
+    rng = random.Random(4)
+    files, corpus = [], []
+    for k in range(n_files):
+        part = docs[k * per_file: (k + 1) * per_file]
+        part = [rng.choice(corpus) if corpus and rng.random() < 0.2 else d for d in part]
+        corpus += part
+        files.append(write_jsonl(tmp_path / f"in-{k}.jsonl", part))
+    return files, corpus
+
+
+def output_bytes(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+
+
+def test_output_is_byte_identical_whatever_the_task_layout(tmp_path, tokenizer_dir, monkeypatch):
+    """Read tasks and their batches are what the CPU count changes: one task, one per file, the cluster's default."""
+    from bigray.data.read import read_groups
+
+    prep = importlib.import_module("bigray.data.prepare")  # the package's `prepare` name is the function
+
+    files, _ = planted_corpus(tmp_path)
+    out = tmp_path / "out"
+    layouts = {
+        "one task, one doc per batch": (lambda fs: [list(range(len(fs)))], 1),
+        "a task per file": (lambda fs: [[i] for i in range(len(fs))], 256),
+        "cluster default": (read_groups, 7),
+    }
+    runs = {}
+    for name, (groups, batch) in layouts.items():
+        monkeypatch.setattr(prep, "read_groups", groups)
+        prepare(cfg_for(files, out, tokenizer_dir, "data.partitions=3", "data.val_fraction=0.2", "data.block_rows=4",
+                        f"data.docs_per_task={batch}"))
+        runs[name] = output_bytes(out)
+    first, *others = runs.values()
+    assert sum(n.endswith(".parquet") for n in first) >= 4 and "manifest.json" in first
+    for name, got in runs.items():
+        assert got == first, f"{name} differs"
+
+
+def test_exact_dedup_keeps_first_occurrence_across_partitions(tmp_path, tokenizer_dir, monkeypatch):
+    from bigray.data.pack import partition_of
+    from bigray.data.read import content_hash
+
+    prep = importlib.import_module("bigray.data.prepare")
+
+    files, corpus = planted_corpus(tmp_path)
+    monkeypatch.setattr(prep, "read_groups", lambda fs: [[i] for i in range(len(fs))])
+    out = tmp_path / "out"
+    result = prepare(cfg_for(files, out, tokenizer_dir, "data.partitions=4", "data.docs_per_task=3"))
+
+    kept, seen, first_dup = [], set(), None
+    for i, doc in enumerate(corpus):
+        if doc in seen:
+            first_dup = first_dup or f"{files[i // 40]}:{i % 40 + 1}"
+        else:
+            seen.add(doc)
+            kept.append(doc)
+    assert result.dropped == {"duplicate": len(corpus) - len(kept)} and result.drop_examples["duplicate"] == first_dup
+    parts = partition_of(np.array([content_hash(unicodedata.normalize("NFC", d)) for d in kept], dtype=np.uint64), 4)
+    tail = 0
+    for p in range(4):
+        expected = hf_stream(tokenizer_dir, [d for d, q in zip(kept, parts) if q == p])
+        shards = sorted(out.glob(f"train-{p:05d}-*.parquet"))
+        rows = np.concatenate([np.stack(pq.read_table(s)["tokens"].to_numpy(zero_copy_only=False)) for s in shards])
+        np.testing.assert_array_equal(rows.reshape(-1), expected[: rows.size])
+        assert len(expected) - rows.size < 32
+        tail += len(expected) - rows.size
+    assert result.manifest["stats"]["tail_tokens_dropped"]["train"] == tail
+
+
+def test_driver_receives_metadata_only(tmp_path, tokenizer_dir, monkeypatch):
+    """Every object the driver gets from a task is small and holds no arrays, while MBs of tokens are written."""
+    import pickle
+
+    import ray
+
+    received = []
+    real_get = ray.get
+
+    def spying_get(refs, *args, **kwargs):
+        value = real_get(refs, *args, **kwargs)
+        received.append(value)
+        return value
+
+    def arrays(value):
+        if isinstance(value, np.ndarray):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from arrays(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                yield from arrays(v)
+
+    docs = make_docs(10000, seed=8)
+    files = [write_jsonl(tmp_path / f"big-{k}.jsonl", docs[k::4]) for k in range(4)]
+    monkeypatch.setattr(ray, "get", spying_get)
+    result = prepare(cfg_for(files, tmp_path / "out", tokenizer_dir, "data.partitions=4", "data.val_fraction=0.1"))
+    monkeypatch.undo()
+    token_bytes = result.tokens_kept * 2
+    got = sum(len(pickle.dumps(v)) for v in received)
+    assert token_bytes > 1_000_000
+    assert not [a for v in received for a in arrays(v)], "the driver received arrays"
+    assert got < token_bytes / 50, f"driver received {got:,} bytes for {token_bytes:,} bytes of tokens"
+
+
+def test_minhash_drops_planted_near_duplicates_only(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    rng = random.Random(5)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 8))) for _ in range(3000)]
+    base = [[rng.choice(vocab) for _ in range(rng.randint(120, 200))] for _ in range(60)]
+    variants = []
+    for words in base[:40]:
+        edited = list(words)
+        for i in rng.sample(range(len(edited)), 3):
+            edited[i] = rng.choice(vocab)
+        variants.append(edited)
+    texts = [" ".join(w) for w in base + variants]
+    src = write_jsonl(tmp_path / "near.jsonl", texts)
+    result = prepare(cfg_for([src], tmp_path / "out", tokenizer_dir, "data.dedup=minhash", "data.partitions=3"))
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+
+    def shingles(text):
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return {tuple(ids[i: i + 5]) for i in range(len(ids) - 4)}
+
+    sets = [shingles(t) for t in texts]
+    jaccard = [len(sets[i] & sets[60 + i]) / len(sets[i] | sets[60 + i]) for i in range(40)]
+    above = [i for i, j in enumerate(jaccard) if j >= 0.8]
+    assert len(above) >= 30, f"planted pairs mostly above the threshold: {sorted(jaccard)}"
+    # Which documents survived: each partition's rows are its kept documents' stream (EOS after each), cut at a row.
+    eos = tok.eos_token_id
+    complete, partials = set(), []
+    for p in range(3):
+        flat = np.concatenate([np.stack(pq.read_table(f)["tokens"].to_numpy(zero_copy_only=False)).reshape(-1)
+                               for f in sorted((tmp_path / "out").glob(f"train-{p:05d}-*.parquet"))] or [np.zeros(0)])
+        pieces = np.split(flat, np.flatnonzero(flat == eos) + 1)
+        complete |= {tuple(x[:-1].tolist()) for x in pieces[:-1]}
+        partials.append(tuple(pieces[-1].tolist()))
+    ids = [tuple(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+    def kept(i):
+        return ids[i] in complete or any(part and ids[i][: len(part)] == part for part in partials)
+
+    assert all(kept(i) for i in range(60)), "an original (earlier in input order) or unrelated document was dropped"
+    found = sum(not kept(60 + i) for i in above)
+    assert found >= 0.9 * len(above), f"recall {found}/{len(above)}"
+    assert result.docs_kept + result.dropped["near_duplicate"] == 100 and set(result.dropped) == {"near_duplicate"}
+    later, earlier = result.drop_examples["near_duplicate"].split(" ~ ")
+    assert int(later.rsplit(":", 1)[1]) > 60 and int(earlier.rsplit(":", 1)[1]) == int(later.rsplit(":", 1)[1]) - 60

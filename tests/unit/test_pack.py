@@ -1,26 +1,61 @@
-"""Packing and splitting, each a small pure function."""
+"""Splitting, packing and block writing, each a small pure function."""
 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.fs as pafs
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bigray.data.pack import ShardWriter, is_val, splitmix64, token_dtype
+from bigray.data.pack import block_rows_for, gather, is_val, pack, partition_of, shards, splitmix64, token_dtype
 
 
-def test_shard_writer_cuts_rows_across_adds_and_drops_only_the_tail(tmp_path):
-    w = ShardWriter(pafs.LocalFileSystem(), str(tmp_path), "train", seq_len=4, dtype=np.dtype(np.uint16),
-                    rows_per_shard=3)
-    stream = np.arange(38, dtype=np.uint32)
-    for chunk in np.split(stream, [1, 2, 9, 20, 21]):
-        w.add(chunk)
-    split = w.close()
-    assert [s["rows"] for s in split["shards"]] == [3, 3, 1] and split["rows"] == 7 and split["tokens"] == 35
-    assert w.tail == 3
-    tables = [pq.read_table(tmp_path / s["path"]) for s in split["shards"]]
-    rows = np.concatenate([np.stack(t["tokens"].to_numpy(zero_copy_only=False)) for t in tables])
-    np.testing.assert_array_equal(rows.reshape(-1), stream[:35])
+def read_with_one_range(data: bytes, block: dict) -> pa.Table:
+    """The block's row group decoded from its byte range plus the footer, every other byte zeroed."""
+    footer = 8 + int.from_bytes(data[-8:-4], "little")
+    sparse = bytearray(len(data))
+    start, end = block["offset"], block["offset"] + block["length"]
+    sparse[start:end] = data[start:end]
+    sparse[-footer:] = data[-footer:]
+    return pq.ParquetFile(pa.BufferReader(bytes(sparse))).read_row_group(block["row_group"])
+
+
+def test_gather_concatenates_slices():
+    tokens = np.arange(20, dtype=np.uint16)
+    got = gather(tokens, np.array([5, 0, 12]), np.array([3, 2, 0]))
+    np.testing.assert_array_equal(got, [5, 6, 7, 0, 1])
+    assert gather(tokens, np.array([], dtype=np.int64), np.array([], dtype=np.int64)).size == 0
+
+
+def test_pack_cuts_rows_and_drops_only_the_tail():
+    rows, tail = pack(np.arange(38, dtype=np.uint16), 5)
+    assert rows.shape == (7, 5) and tail == 3
+    np.testing.assert_array_equal(rows.reshape(-1), np.arange(35))
+
+
+def test_shards_are_whole_blocks_each_readable_from_one_byte_range():
+    rows = np.random.default_rng(0).integers(0, 300, size=(1000, 33)).astype(np.uint16)
+    written = shards(rows, "train-00003", rows_per_shard=450, block_rows=64)
+    # 450 rounds down to 7 blocks of 64 = 448 rows per file
+    assert [s.name for s in written] == [f"train-00003-{k:03d}.parquet" for k in range(3)]
+    assert [s.rows for s in written] == [448, 448, 104]
+    back = []
+    for shard in written:
+        table = pq.read_table(pa.BufferReader(shard.data))
+        assert table.schema.field("tokens").type == pa.list_(pa.uint16(), 33)
+        sizes = [b["rows"] for b in shard.blocks]
+        assert sizes == [64] * (shard.rows // 64) + ([shard.rows % 64] if shard.rows % 64 else [])
+        ids = [b["id"] for b in shard.blocks]
+        assert ids == [f"{shard.name.removesuffix('.parquet')}:{g}" for g in range(len(ids))]
+        for block in shard.blocks:
+            part = read_with_one_range(shard.data, block)
+            assert part.equals(pq.ParquetFile(pa.BufferReader(shard.data)).read_row_group(block["row_group"]))
+            back.append(np.stack(part["tokens"].to_numpy(zero_copy_only=False)))
+    np.testing.assert_array_equal(np.concatenate(back), rows)
+
+
+def test_block_rows_default_is_about_4_mb():
+    assert block_rows_for(1023, np.dtype(np.uint16), None) == 2048
+    assert block_rows_for(1023, np.dtype(np.uint16), 100) == 100
 
 
 def test_split_draw_is_seeded_uniform_and_order_free():
@@ -29,6 +64,16 @@ def test_split_draw_is_seeded_uniform_and_order_free():
     assert 0.09 < val.mean() < 0.11
     np.testing.assert_array_equal(is_val(hashes[::-1], 0, 0.1), val[::-1])
     assert (is_val(hashes, 1, 0.1) != val).any()
+
+
+def test_partitions_are_balanced_and_independent_of_the_split():
+    hashes = splitmix64(np.arange(100_000, dtype=np.uint64))
+    part = partition_of(hashes, 8)
+    counts = np.bincount(part, minlength=8)
+    assert counts.min() > 0.9 * 100_000 / 8
+    val = is_val(hashes, 0, 0.1)
+    for p in range(8):
+        assert 0.08 < val[part == p].mean() < 0.12
 
 
 def test_token_dtype_is_compact():
