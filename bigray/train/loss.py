@@ -48,7 +48,7 @@ def resolve_loss_impl(requested: str, device_type: str, zero_stage: int) -> str:
             return "plain"
         return "liger" if liger_available() and zero_stage < 3 else "chunked"
     if requested == "liger" and not (device_type == "cuda" and liger_available()):
-        raise ConfigError("train.loss_impl=liger needs a CUDA device and liger-kernel (pip install 'bigray[gpu]'); "
+        raise ConfigError("train.loss_impl=liger needs a CUDA device and liger-kernel (pip install liger-kernel); "
                           "use train.loss_impl=chunked (any device) or auto")
     if requested not in IMPLS:
         raise ConfigError(f"train.loss_impl must be auto or one of {', '.join(IMPLS)} (got {requested!r})")
