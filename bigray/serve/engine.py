@@ -56,6 +56,9 @@ class Event:
     error: str | None = None
 
 
+PREFILL_PADDING_LIMIT = 2  # a prefill group's padded tokens may be at most this many times its prompt tokens
+
+
 class Overloaded(Exception):
     """The engine's waiting queue is full: the client should retry after `retry_after_s`."""
 
@@ -388,6 +391,7 @@ class Engine:
             free = self.max_batch_size - len(self._rows)
             budget = self.kv_token_budget - sum(s.cost for s in self._rows)
             new: list[_Seq] = []
+            width = tokens = 0
             while self._pending and len(new) < free:
                 s = self._pending[0]
                 if s.cancelled:
@@ -395,7 +399,14 @@ class Engine:
                     continue
                 if s.cost > budget:
                     break  # first come, first served: a large request is not overtaken for ever by small ones
+                # Prompts are left-padded to the group's longest: a prompt that would make padding more than half
+                # of the group's prefill work starts the next group instead (mixed 8..1024-token prompts).
+                if new and (len(new) + 1) * max(width, len(s.prompt)) > PREFILL_PADDING_LIMIT * (
+                    tokens + len(s.prompt)
+                ):
+                    break
                 budget -= s.cost
+                width, tokens = max(width, len(s.prompt)), tokens + len(s.prompt)
                 new.append(self._pending.popleft())
         if new:
             self._prefill = _Prefill(new, self.pad_id, self.device)

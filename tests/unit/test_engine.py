@@ -97,14 +97,29 @@ def test_chunked_prefill_matches_generate_and_keeps_one_logits_row(model_dir, re
         return out
 
     e.model.forward = recording
+    groups = []
+    admit = e._admit
+
+    def recording_admit():
+        admit()
+        if e._prefill is not None:
+            groups.append((tuple(e._prefill.ids.shape), sum(len(s.prompt) for s in e._prefill.seqs)))
+
+    e._admit = recording_admit
     ps = prompts(e, 6)
     ids, _, _, errors = asyncio.run(collect(e, [(p, greedy(10)) for p in ps]))
     assert errors == [None] * 6
     assert [without_eos(e, x) for x in ids] == [reference(p, 10) for p in ps]
     prefill = [(i, lg) for i, lg in shapes if i[1] > 1]
-    # Six rows at 16 padded tokens per step: two columns per chunk, so the longest prompt takes many steps.
-    assert len(prefill) >= max(map(len, ps)) // 2 and all(i[0] * i[1] <= 16 for i, _ in prefill)
+    # At most 16 padded prompt tokens per step: the longest prompt is prefilled over several steps.
+    assert all(i[0] * i[1] <= 16 for i, _ in prefill) and len(prefill) >= max(map(len, ps)) // 16
     assert all(lg[1] == 1 for _, lg in prefill)  # logits_to_keep=1: never [rows, cols, vocab]
+    # One long prompt then five short ones: the short ones are not all padded to the long one's length.
+    groups.clear()
+    skewed = [ps[-1]] + [ps[0]] * 5
+    ids, _, _, errors = asyncio.run(collect(e, [(p, greedy(10)) for p in skewed]))
+    assert errors == [None] * 6 and [without_eos(e, x) for x in ids] == [reference(p, 10) for p in skewed]
+    assert len(groups) > 1 and all(rows * width <= 2 * real for (rows, width), real in groups), groups
 
 
 def test_kv_budget_admits_what_fits_and_queues_the_rest(model_dir, reference):
