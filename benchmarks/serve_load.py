@@ -213,10 +213,10 @@ def main() -> None:
         t0 = time.perf_counter()
         for t in threads:
             t.start()
-        peak = before["rss_mb"]
+        series = [(0.0, before["rss_mb"])]
         while any(t.is_alive() for t in threads):
             time.sleep(5)
-            peak = max(peak, health(url)["rss_mb"])
+            series.append((time.perf_counter() - t0, health(url)["rss_mb"]))
         elapsed = time.perf_counter() - t0
         after = health(url)
     finally:
@@ -232,10 +232,16 @@ def main() -> None:
     print(f"bad requests:     {tally.bad} sent, {tally.bad_wrong} not answered with a 4xx (goal 0)")
     print(f"TTFT:             p50 {pct(tally.ttft, 50) * 1e3:,.0f} ms, p99 {pct(tally.ttft, 99) * 1e3:,.0f} ms")
     print(f"inter-token:      p50 {pct(tally.itl, 50) * 1e3:,.0f} ms, p99 {pct(tally.itl, 99) * 1e3:,.0f} ms")
+    peak = max(r for _, r in series)
+    # A full batch of long prompts reaches its working set in the first seconds of load: growth after that,
+    # not the step from idle to loaded, is what a leak looks like.
+    loaded = next((r for t, r in series if t >= 30), rss1)
     print(
-        f"replica RSS:      {rss0:,.0f} MiB after warm-up, {rss1:,.0f} MiB at the end ({(rss1 - rss0) / rss0:+.1%}), "
-        f"peak {peak:,.0f} MiB"
+        f"replica RSS:      {rss0:,.0f} MiB idle after warm-up, {loaded:,.0f} MiB after 30 s of load, "
+        f"{rss1:,.0f} MiB at the end ({(rss1 - rss0) / rss0:+.1%} from idle, "
+        f"{(rss1 - loaded) / loaded:+.1%} from 30 s), peak {peak:,.0f} MiB"
     )
+    print("RSS over time:    " + ", ".join(f"{t:.0f}s {r:,.0f}" for t, r in series[:: max(1, len(series) // 8)]))
     print(
         f"generated:        {tally.tokens:,} tokens, {tally.tokens / elapsed:,.0f} tokens/s; engine max batch "
         f"{after['max_batch_seen']}, failed steps {after['failed_steps']}"
