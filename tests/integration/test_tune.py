@@ -16,7 +16,7 @@ import time
 import pytest
 
 from bigray.config import load_config
-from bigray.errors import ConfigError
+from bigray.errors import BigrayError, ConfigError
 from bigray.storage import Store, join
 from bigray.tune.results import FINISHED, STOPPED
 
@@ -96,7 +96,7 @@ def test_asha_sweep_stops_bad_trials_and_exports_best(asha, s3, ray_cluster):
 
     results = pd.read_csv(io.BytesIO(STORE.read_bytes(out.results_csv)))
     assert len(results) == 4 and results["train.lr"].iloc[0] == 3e-3
-    assert sorted(results["status"]) == ["finished", "finished", "stopped early", "stopped early"]
+    assert dict(zip(results["trial_id"], results["status"])) == {t.trial_id: t.status for t in out.trials}
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=s3.bucket, Prefix="sweeps/asha/")["Contents"]}
     assert {
         "sweeps/asha/results.csv",
@@ -165,6 +165,23 @@ def test_trial_restored_at_its_final_checkpoint_reports_without_training(shards,
     assert trial.thread is None, "no Train run started"
     trial.save_checkpoint(str(tmp_path))  # Tune saves it again: the pointer and its result survive
     assert json.loads((tmp_path / POINTER).read_text())["result"]["val_loss"] == 5.25
+    trial.stop()
+
+
+def test_trial_whose_pointer_lost_its_checkpoint_fails_clearly(shards, s3, ray_cluster, tmp_path):
+    """A pointer (PBT's exploit, a restore) to a Train checkpoint that rotation deleted: an error naming it."""
+    import json
+
+    from ray import tune as rtune
+
+    from bigray.tune.trial import POINTER, Trial
+
+    cfg = sweep_cfg(shards, s3, "vanished")
+    gone = s3.uri("sweeps", "vanished", "runs", "t0", "checkpoint_gone")
+    (tmp_path / POINTER).write_text(json.dumps({"checkpoint": gone, "step": 10}))
+    trial = rtune.with_parameters(Trial, base=cfg.model_dump(mode="json"), store=STORE)(config={"train.lr": 1e-3})
+    with pytest.raises(BigrayError, match=f"the Train checkpoint {gone} that Tune's pointer refers to is gone"):
+        trial.load_checkpoint(str(tmp_path))
     trial.stop()
 
 
@@ -332,3 +349,68 @@ def test_optuna_searcher(shards, s3, ray_cluster):
     out = tune(cfg)
     assert len(out.trials) == 3
     assert all(1e-4 <= t.params["train.lr"] <= 3e-3 and 1 <= t.params["train.warmup_steps"] < 5 for t in out.trials)
+
+
+@pytest.fixture
+def busy_head():
+    """Two nodes on loopback (ray.cluster_utils.Cluster); the head's CPU mostly held, so Ray would place elsewhere."""
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tests.conftest import start_local_ray
+
+    restart = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": False})
+    cluster.add_node(num_cpus=4, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, log_to_driver=False)
+
+    @ray.remote(num_cpus=0.9)
+    class Hold:
+        def ready(self):
+            return True
+
+    on_head = NodeAffinitySchedulingStrategy(cluster.head_node.node_id, soft=False)
+    hold = Hold.options(scheduling_strategy=on_head).remote()
+    ray.get(hold.ready.remote())
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+    if restart:
+        start_local_ray()  # the session's single-node cluster, for the tests after this one
+
+
+@pytest.mark.slow
+def test_trial_drivers_are_pinned_to_the_head_node(busy_head, tmp_path):
+    """bigray's trial resources put every trial driver on the head; unpinned, Ray spreads them to the idle node."""
+    import ray
+    from ray import tune as rtune
+
+    from bigray.tune.trial import HEAD_NODE_RESOURCE, trial_resources
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 2
+    assert [n["NodeID"] for n in nodes if HEAD_NODE_RESOURCE in n["Resources"]] == [busy_head.head_node.node_id]
+
+    def where(config):
+        import time
+
+        import ray
+        from ray import tune
+
+        time.sleep(1)
+        tune.report({"node": ray.get_runtime_context().get_node_id()})
+
+    def placed(pin: bool) -> set[str]:
+        grid = rtune.Tuner(
+            rtune.with_resources(where, trial_resources(pin_to_head=pin)),
+            param_space={"i": rtune.grid_search(list(range(6)))},
+            tune_config=rtune.TuneConfig(max_concurrent_trials=6),
+            run_config=rtune.RunConfig(name=f"pin-{pin}", storage_path=str(tmp_path), verbose=0),
+        ).fit()
+        return {result.metrics["node"] for result in grid}
+
+    assert placed(pin=True) == {busy_head.head_node.node_id}
+    assert placed(pin=False) - {busy_head.head_node.node_id}, "the control: unpinned, Ray places trials elsewhere"
