@@ -32,7 +32,9 @@ def _train(cfg: Config, args) -> None:
     from bigray import display
     from bigray.train.trainer import train
 
-    display.train_summary(train(cfg))
+    with display.TrainProgress(cfg.train.max_steps) as progress:
+        result = train(cfg, progress=progress)
+    display.train_summary(result)
 
 
 def _export(cfg: Config, args) -> None:
@@ -80,7 +82,8 @@ def _serve(cfg: Config, args) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: done.set())
         print(
-            f"serving {model_name(cfg.serve)!r} ({cfg.serve.engine} engine) at {url}/v1  (health: {url}/health); Ctrl-C to stop",
+            f"serving {model_name(cfg.serve)!r} ({cfg.serve.engine} engine) at {url}/v1  (health: {url}/health); "
+            "Ctrl-C to stop",
             flush=True,
         )
         while not done.wait(1.0):

@@ -69,7 +69,8 @@ def _post(url: str, body: dict, api_key: str | None = None) -> dict:
 
 def _usage(response: dict) -> str:
     usage = response["usage"]
-    return f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens, {response['choices'][0]['finish_reason']}"
+    finish = response["choices"][0]["finish_reason"]
+    return f"{usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens, {finish}"
 
 
 def _stage(name: str) -> float:
@@ -111,10 +112,11 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
         display.prepare_summary(prepare(cfg))
         timings["prepare"] = time.perf_counter() - t
 
-        t = _stage(
-            f"train: {cfg.model.preset} preset, ZeRO-{cfg.train.zero_stage}, {cfg.train.num_workers} workers, {cfg.train.max_steps} steps"
-        )
-        run = train(cfg)
+        tc = cfg.train
+        t = _stage(f"train: {cfg.model.preset} preset, ZeRO-{tc.zero_stage}, {tc.num_workers} workers, "
+                   f"{tc.max_steps} steps")
+        with display.TrainProgress(cfg.train.max_steps) as progress:
+            run = train(cfg, progress=progress)
         losses = [r["loss"] for r in run.records if "loss" in r]
         print(
             f"loss {losses[0]:.3f} -> {losses[-1]:.3f}  {display.sparkline(losses)}  "
@@ -179,8 +181,7 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
             print(f"  {key:13} {where}")
         if local:
             print(f"  (copied from the local S3 server's {root}; a real run keeps them in its bucket)")
-        print(
-            f"\ntimings: {', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}; total {time.perf_counter() - started:.0f} s"
-        )
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in timings.items())
+        print(f"\ntimings: {stages}; total {time.perf_counter() - started:.0f} s")
         print("shutting down Serve, Ray and the local S3 server", flush=True)
     return {"written": written, "completion": completion, "chat": chat, "timings": timings, "root": root}

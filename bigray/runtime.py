@@ -10,22 +10,29 @@ from bigray.config import RayConfig
 from bigray.ray_compat import init_loopback_cluster
 
 
+def resolve_log_level(cfg: RayConfig) -> str:
+    """`cfg.log_level`, settled once: null becomes WARNING for a local start, INFO when joining a cluster.
+
+    A local start is someone at a terminal: show bigray's lines, not Ray's INFO chatter (a report per
+    training step, execution plans). Anyone who configured Python logging themselves keeps INFO.
+    """
+    if cfg.log_level is None:
+        local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
+        cfg.log_level = "WARNING" if local and not logging.getLogger().handlers else "INFO"
+    return cfg.log_level
+
+
 def init_ray(cfg: RayConfig) -> None:
     """Connect once per process. Inside `ray job submit`, RAY_ADDRESS points at the job's cluster.
 
-    Resolves `cfg.log_level` (null: WARNING for a local start, INFO otherwise) so that everything this
-    command hands the section to (Train runs, Tune trials) uses the same console level.
+    Settles `cfg.log_level` too, so that the Train runs and Tune trials this section is handed to agree.
     """
     import ray
 
-    local = not (cfg.address or os.environ.get("RAY_ADDRESS"))
-    if cfg.log_level is None:
-        # A local start is someone at a terminal: show bigray's lines, not Ray's INFO chatter (a report per
-        # training step, execution plans). Anyone who configured logging themselves keeps their config.
-        cfg.log_level = "WARNING" if local and not logging.getLogger().handlers else "INFO"
+    resolve_log_level(cfg)
     if ray.is_initialized():
         return
-    if not local:
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=cfg.address, log_to_driver=True)
         return
     # Bound to loopback: a laptop or CI run must not open Ray's ports on the network. At least 4

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from bigray.config import ModelConfig, TrainConfig
+from bigray.runtime import quiet_ray_console
 from bigray.storage import Store
 from bigray.train.batches import global_batches, micro_slice, table_rows, train_batches
 from bigray.train.metrics import MetricsLog, memory_gb, mfu, peak_flops
@@ -54,6 +55,7 @@ def train_func(config: dict) -> None:
     import ray.train.torch
 
     t, store, manifest = TrainConfig.model_validate(config["train"]), config["store"], config["manifest"]
+    quiet_ray_console(config["log_level"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()

@@ -13,7 +13,7 @@ from ray.train import UserCallback
 from bigray.config import Config, ModelConfig, TrainConfig, require
 from bigray.data import load_split, read_manifest
 from bigray.errors import BigrayError, ConfigError
-from bigray.runtime import init_ray
+from bigray.runtime import init_ray, resolve_log_level
 from bigray.storage import Store, join
 from bigray.train.export import ExportResult, export
 from bigray.train.loop import PROBE_TOKENS, train_func
@@ -34,6 +34,7 @@ class RunPlan:
     run_name: str
     run_dir: str
     has_val: bool  # the val split fills at least one global batch
+    log_level: str  # console level of Ray Train's and Ray Data's loggers (ray.log_level, resolved)
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ def plan_run(cfg: Config) -> RunPlan:
     run_name = t.run_name or f"bigray-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     return RunPlan(train=t, model=cfg.model, store=store, manifest=manifest, root=root, storage_path=storage_path,
                    run_name=run_name, run_dir=join(storage_path, run_name),
-                   has_val=manifest["splits"]["val"]["rows"] >= t.num_workers * t.micro_batch_size)
+                   has_val=manifest["splits"]["val"]["rows"] >= t.num_workers * t.micro_batch_size,
+                   log_level=resolve_log_level(cfg.ray))
 
 
 def probe_tokens(run: RunPlan) -> list[int]:
@@ -112,7 +114,7 @@ def trainer(run: RunPlan, name: str | None = None, resume_from: str | None = Non
             "train": t.model_dump(mode="json"), "model": run.model.model_dump(mode="json"), "store": store,
             "manifest": run.manifest, "run_dir": run.run_dir, "datasets": sorted(datasets),
             "tokenizer_dir": join(run.root, run.manifest["tokenizer"]["path"]), "probe": probe_tokens(run),
-            "resume_from": resume_from,
+            "resume_from": resume_from, "log_level": run.log_level,
         },
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
@@ -121,7 +123,7 @@ def trainer(run: RunPlan, name: str | None = None, resume_from: str | None = Non
             name=name or run.run_name, storage_path=path, storage_filesystem=fs,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            callbacks=callbacks,
+            callbacks=callbacks, logging_config=ray.LoggingConfig(log_level=run.log_level),
         ),
         datasets=datasets,
         # Not split: every worker streams the whole split in the same preserved order and takes
