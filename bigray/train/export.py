@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import posixpath
 import tempfile
 from dataclasses import dataclass
 
@@ -17,6 +19,8 @@ from bigray.storage import Store, join
 # 8/11 mantissa bits, so their logits carry ~1e-2 relative error per layer.
 PROBE_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.05}
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ExportResult:
@@ -29,22 +33,43 @@ class ExportResult:
     dtype: str
 
 
-def latest_checkpoint(run_dir: str, store: Store) -> str:
-    """The run's checkpoint with the highest step (Ray Train names them checkpoint_<timestamp>)."""
+def checkpoint_uri(run_dir: str, checkpoint) -> str:
+    """The URI of a ray.train.Checkpoint of the run in `run_dir` (Ray names it by filesystem path, without scheme)."""
+    return join(run_dir, posixpath.basename(checkpoint.path.rstrip("/")))
+
+
+def committed_checkpoint(run_dir: str, store: Store) -> str:
+    """The run's latest checkpoint that Ray Train committed (every rank's upload done), from Ray's own record.
+
+    Ray Train writes a checkpoint into the run's record (checkpoint_manager_snapshot.json, read through the
+    public `ray.train.Result.from_path`) only once all ranks uploaded it; a `checkpoint_*` dir missing from
+    that record is a partial upload (or one Ray was deleting): it is ignored, with a warning.
+    """
+    import ray.train
+
     fs, path = store.filesystem(run_dir)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         raise DataError(f"{run_dir}: no such run directory")
-    best, best_step = None, -1
-    for info in fs.get_file_info(pafs.FileSelector(path)):
-        meta_uri = join(run_dir, info.base_name, "bigray.json")
-        is_checkpoint = info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
-        if is_checkpoint and store.exists(meta_uri):
-            step = json.loads(store.read_bytes(meta_uri))["step"]
-            if step > best_step:
-                best, best_step = join(run_dir, info.base_name), step
-    if best is None:
-        raise DataError(f"{run_dir}: no bigray checkpoint found (expected checkpoint_*/bigray.json)")
-    return best
+    train_log = logging.getLogger("ray.train")
+    level = train_log.level
+    train_log.setLevel(logging.WARNING)  # Ray logs reading its record as if a run were resuming
+    try:
+        result = ray.train.Result.from_path(path, storage_filesystem=fs)
+    except RuntimeError as exc:
+        raise DataError(f"{run_dir}: not a Ray Train run dir with checkpoints ({exc})") from None
+    finally:
+        train_log.setLevel(level)
+    if result.checkpoint is None:
+        raise DataError(f"{run_dir}: Ray Train committed no checkpoint in this run")
+    committed = {posixpath.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
+    committed.add(posixpath.basename(result.checkpoint.path.rstrip("/")))
+    stray = sorted(info.base_name for info in fs.get_file_info(pafs.FileSelector(path))
+                   if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_")
+                   and info.base_name not in committed)
+    if stray:
+        log.warning("%s: ignoring %s: not committed by Ray Train (partial upload or being deleted)", run_dir,
+                    ", ".join(stray))
+    return checkpoint_uri(run_dir, result.checkpoint)
 
 
 def consolidated_state_dict(ckpt_dir: str, meta: dict) -> dict:
@@ -62,12 +87,12 @@ def consolidated_state_dict(ckpt_dir: str, meta: dict) -> dict:
 
 def export(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = None) -> ExportResult:
     """Write `out_dir` (config.json, model.safetensors, tokenizer, generation config) from the run's latest
-    checkpoint, or from `checkpoint`; fails if the exported model's logits differ from the engine's."""
+    committed checkpoint, or from `checkpoint`; fails if the exported model's logits differ from the engine's."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    ckpt_uri = checkpoint or latest_checkpoint(run_dir, store)
+    ckpt_uri = checkpoint or committed_checkpoint(run_dir, store)
     local = store.local_dir(ckpt_uri)
     with open(os.path.join(local, "bigray.json")) as f:
         meta = json.load(f)

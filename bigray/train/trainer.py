@@ -15,7 +15,7 @@ from bigray.data import load_split, read_manifest
 from bigray.errors import BigrayError, ConfigError
 from bigray.runtime import init_ray, resolve_log_level
 from bigray.storage import Store, join
-from bigray.train.export import ExportResult, export
+from bigray.train.export import ExportResult, checkpoint_uri, export
 from bigray.train.loop import PROBE_TOKENS, train_func
 from bigray.train.metrics import plot, read_records
 from bigray.train.model import pretrained_vocab
@@ -201,5 +201,9 @@ def train(cfg: Config, progress: Callable[[dict], None] | None = None) -> TrainR
         raise BigrayError(f"training failed after {run.train.max_failures} restarts: {result.error}") from result.error
     records = read_records(run.run_dir, run.store)
     plot(records, join(run.run_dir, "loss.png"), run.store)
-    exported = export(run.run_dir, join(run.run_dir, "export"), run.store) if run.train.export else None
+    # The checkpoint fit() reports is the latest Ray committed, never a newer dir still (or half) uploaded.
+    exported = None
+    if run.train.export and result.checkpoint is not None:
+        exported = export(run.run_dir, join(run.run_dir, "export"), run.store,
+                          checkpoint=checkpoint_uri(run.run_dir, result.checkpoint))
     return TrainResult(run_dir=run.run_dir, records=records, export=exported, wall_s=time.perf_counter() - start)

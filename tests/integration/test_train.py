@@ -6,6 +6,8 @@ uninterrupted run for the killed-worker resume.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import threading
@@ -38,13 +40,14 @@ def hf_logits_match_probe(export_dir, run_dir, s3=None):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bigray.train.export import latest_checkpoint
+    from bigray.train.export import committed_checkpoint
 
     local = STORE.local_dir(export_dir)
     assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json"} <= set(os.listdir(local))
     model = AutoModelForCausalLM.from_pretrained(local, local_files_only=True, dtype=torch.float32).eval()
     assert AutoTokenizer.from_pretrained(local, local_files_only=True).eos_token_id is not None
-    probe = torch.load(os.path.join(STORE.local_dir(latest_checkpoint(run_dir, STORE)), "probe.pt"), weights_only=True)
+    checkpoint = STORE.local_dir(committed_checkpoint(run_dir, STORE))
+    probe = torch.load(os.path.join(checkpoint, "probe.pt"), weights_only=True)
     with torch.no_grad():
         logits = model(input_ids=probe["input_ids"]).logits
     torch.testing.assert_close(logits, probe["logits"], atol=1e-4, rtol=1e-4)  # fp32 engine: only kernel-order noise
@@ -93,6 +96,29 @@ def test_progress_sees_every_record_while_the_run_goes_on(reference_run):
     # still going, 55 steps and three checkpoints from its end.
     first_record, logged_then = arrived[0]
     assert first_record["step"] == 5 and logged_then < 60, arrived[:3]
+
+
+def test_export_ignores_a_newer_partial_checkpoint(reference_run, tmp_path, caplog):
+    """A newer checkpoint dir holding rank 0's files only (an upload cut short) is not what `bigray export` picks."""
+    from bigray.train.export import committed_checkpoint, export
+
+    _, out, _ = reference_run
+    committed = committed_checkpoint(out.run_dir, STORE)
+    partial = join(out.run_dir, "checkpoint_2099-01-01_00-00-00.000000")
+    for name in ["bigray.json", "probe.pt", "hf/config.json", "ds/mp_rank_00_model_states.pt",
+                 "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "rng/rank_0.pt"]:
+        data = STORE.read_bytes(join(committed, name))
+        if name == "bigray.json":  # newer than anything committed: a pick by highest step would take it
+            data = json.dumps({**json.loads(data), "step": 80}).encode()
+        STORE.write_bytes(join(partial, name), data)
+    try:
+        with caplog.at_level(logging.WARNING, logger="bigray.train.export"):
+            result = export(out.run_dir, str(tmp_path / "export"), STORE)
+        assert result.checkpoint == committed and result.step == 60
+        assert "checkpoint_2099-01-01_00-00-00.000000" in caplog.text and "not committed" in caplog.text
+    finally:
+        fs, path = STORE.filesystem(partial)
+        fs.delete_dir(path)
 
 
 def test_zero3_local_storage(shards, tmp_path):
