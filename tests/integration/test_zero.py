@@ -65,3 +65,44 @@ def test_bf16_runs_reduce_and_accumulate_in_fp32_at_every_stage(tmp_path):
         assert r["model"] == "torch.bfloat16" and r["comm"] == "torch.float32", r
         assert r["accum"] == ("torch.bfloat16" if stage == "0" else "torch.float32"), r
         assert r["steps"] == 1 and all(4.0 < loss < 8.0 for loss in r["losses"]), r  # ln(512) = 6.2 at init
+
+
+WORKER_THREADS = """
+import json, os, sys, tempfile
+import ray, ray.train
+from ray.train.torch import TorchTrainer
+from bigray.config import load_config
+from bigray.train.zero import worker_env_vars
+
+def report_threads(config):
+    import torch
+    with open(config["out"], "w") as f:  # the worker runs on this machine: a file is the simplest channel back
+        json.dump({"threads": torch.get_num_threads(), "omp": os.environ.get("OMP_NUM_THREADS")}, f)
+
+t = load_config(overrides=["train.cpus_per_worker=2"]).train
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+out = {}
+for name, env in (("inherited", {}), ("bigray", {"env_vars": worker_env_vars(t)})):
+    tmp = tempfile.mkdtemp()
+    trainer = TorchTrainer(report_threads, train_loop_config={"out": os.path.join(tmp, "threads.json")},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=ray.train.RunConfig(name=name, storage_path=tmp, worker_runtime_env=env))
+    trainer.fit()
+    out[name] = json.load(open(os.path.join(tmp, "threads.json")))
+ray.shutdown()
+print(json.dumps(out))
+"""
+
+
+def test_workers_get_cpus_per_worker_threads_where_ray_passes_on_one():
+    """A node started with OMP_NUM_THREADS=1 (as Ray's cluster launcher starts them): workers inherit 1 unless
+    bigray's worker env sets cpus_per_worker."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_USAGE_STATS_ENABLED="0")
+    proc = subprocess.run([sys.executable, "-c", WORKER_THREADS], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["inherited"]["threads"] == 1  # the problem
+    assert out["bigray"] == {"threads": 2, "omp": "2"}
