@@ -1,76 +1,143 @@
-"""Tokens/s of the whole `bigray prepare` pipeline against HF `tokenizers` in one process.
+"""`bigray prepare` against HF `tokenizers` in one process, and what its driver receives, at 1x and 4x corpus.
 
-Corpus: the Python standard library's .py files (~30 MB on every machine). Both sides encode the
-same documents with the same tokenizer; the baselines get the documents already in memory and
-time only `encode_batch_fast`, once with the library's own thread pool (its default) and once
+Corpus: the Python standard library's .py files (~30 MB on every machine), written as jsonl files;
+4x is four copies of it (dedup off, so every copy is tokenized and written). Both sides encode the
+same documents with the same tokenizer; the baselines get the documents already in memory and time
+only `encode_batch_fast`, once with the library's own thread pool (its default) and once
 single-threaded. Printed as ratios measured in one run; absolute times on shared machines are noise.
 
-    python benchmarks/prepare.py [--repeat 2]
+Driver bytes: the pickled size of everything `ray.get` returned to the driver (the only way a
+task's result reaches it). Driver RSS: this process's resident memory, sampled every 10 ms while
+`prepare` runs, above what it was just before.
+
+    python benchmarks/prepare.py [--repeat 2] [--files 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import pickle
 import tempfile
+import threading
 import time
+
+import psutil
 
 from bigray.config import load_config
 from bigray.data import prepare
-from bigray.data.prepare import clean
-from bigray.data.read import resolve_inputs
+from bigray.data.read import clean, resolve_inputs
 from bigray.data.tokenizer import backend, load_tokenizer, train_bpe
+from bigray.runtime import init_ray
+from bigray.storage import Store
 
-INPUTS = ["data.inputs=['{stdlib}/**/*.py']", "data.exclude=['*/site-packages/*']", "data.format=text", "data.min_chars=0", "data.dedup=false"]
+STDLIB = ["data.inputs=['{stdlib}/**/*.py']", "data.exclude=['*/site-packages/*']", "data.format=text"]
 
 
-def read_docs(cfg) -> list[str]:
+def read_docs() -> list[str]:
     docs = []
-    for f in resolve_inputs(cfg.data, cfg.storage):
+    for f in resolve_inputs(load_config(overrides=STDLIB).data, Store()):
         try:
-            docs.append(clean(open(f.uri, encoding="utf-8").read(), 0)[0])
+            with open(f.uri, encoding="utf-8") as handle:
+                docs.append(clean(handle.read(), 0)[0])
         except UnicodeDecodeError:
             pass
     return docs
 
 
-def encode_tps(tok_json: str, docs: list[str], threads: bool) -> tuple[float, int]:
+def write_corpus(docs: list[str], root: str, copies: int, files: int) -> str:
+    os.makedirs(root, exist_ok=True)
+    for c in range(copies):
+        for k in range(files):
+            with open(f"{root}/part-{c}-{k:03d}.jsonl", "w") as out:
+                out.writelines(json.dumps({"text": d}) + "\n" for d in docs[k::files])
+    return root
+
+
+def encode_tps(tok_json: str, docs: list[str], threads: bool) -> float:
     os.environ["TOKENIZERS_PARALLELISM"] = "true" if threads else "false"
     tok = backend(tok_json)
     start = time.perf_counter()
     n = sum(len(e.ids) + 1 for e in tok.encode_batch_fast(docs, add_special_tokens=False))
-    return n / (time.perf_counter() - start), n
+    os.environ.pop("TOKENIZERS_PARALLELISM")
+    return n / (time.perf_counter() - start)
+
+
+class Driver:
+    """Peak RSS above the starting point, and bytes returned by ray.get, while the block runs."""
+
+    def __enter__(self) -> Driver:
+        import ray
+
+        self.proc = psutil.Process()
+        self.base = self.peak = self.proc.memory_info().rss
+        self.bytes = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        self.real_get = ray.get
+
+        def get(*args, **kwargs):
+            value = self.real_get(*args, **kwargs)
+            self.bytes += len(pickle.dumps(value))
+            return value
+
+        ray.get = get
+        return self
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.01):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        import ray
+
+        ray.get = self.real_get
+        self.done.set()
+        self.thread.join()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--files", type=int, default=64, help="jsonl files per copy of the corpus")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     work = tempfile.mkdtemp(prefix="bigray-bench-")
-    cfg = load_config(overrides=[*INPUTS, f"data.output={work}/out", f"data.tokenizer={work}/tok", "data.seq_len=1024"])
-    docs = read_docs(cfg)
+    docs = read_docs()
     print(f"corpus: {len(docs)} docs, {sum(map(len, docs)) / 1e6:.1f} M chars")
     train_bpe(docs[::4], 8192, f"{work}/tok")
-    tok = load_tokenizer(f"{work}/tok")
+    tok = load_tokenizer(f"{work}/tok", Store())
+    corpora = {n: write_corpus(docs, f"{work}/corpus-{n}x", n, args.files) for n in (1, 4)}
 
+    cfg = load_config(overrides=["data.min_chars=0", "data.dedup=none", "data.seq_len=1024",
+                                 f"data.tokenizer={work}/tok"])
+    init_ray(cfg.ray)
     import ray
 
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    rows = []
+    best: dict = {}
     for _ in range(args.repeat):
-        threaded, n = encode_tps(tok.json, docs, threads=True)
-        single, _ = encode_tps(tok.json, docs, threads=False)
-        os.environ.pop("TOKENIZERS_PARALLELISM")
-        result = prepare(cfg)
-        rows.append((result["tokens_per_s"], threaded, single))
-        print(f"pipeline {result['tokens_per_s'] / 1e6:.2f} M tok/s ({result['stats']['tokens_kept']:,} tokens, {result['wall_s']:.1f} s) | "
-              f"encode_batch threaded {threaded / 1e6:.2f} | single-thread {single / 1e6:.2f} ({n:,} tokens)")
-    best = max(rows)
-    print(f"\nCPUs: {int(ray.cluster_resources()['CPU'])}")
-    print(f"ratio pipeline / one-process encode_batch (library threads): {best[0] / best[1]:.2f}x")
-    print(f"ratio pipeline / one-process encode_batch (one thread):      {best[0] / best[2]:.2f}x")
+        threaded = encode_tps(tok.json, docs, threads=True)
+        single = encode_tps(tok.json, docs, threads=False)
+        for n, root in corpora.items():
+            run = cfg.model_copy(deep=True)
+            run.data.inputs, run.data.output = [f"{root}/*.jsonl"], f"{work}/out-{n}x"
+            with Driver() as driver:
+                result = prepare(run)
+            rss = (driver.peak - driver.base) / 2**20
+            baselines = f" | encode_batch threaded {threaded / 1e6:.2f}, single-thread {single / 1e6:.2f} M tok/s"
+            print(f"{n}x: pipeline {result.tokens_per_s / 1e6:.2f} M tok/s ({result.tokens_kept:,} tokens, "
+                  f"{result.wall_s:.1f} s), driver got {driver.bytes:,} bytes, RSS +{rss:.0f} MiB"
+                  + (baselines if n == 1 else ""), flush=True)
+            row = (result.tokens_per_s, threaded, single, driver.bytes, driver.peak - driver.base, result.tokens_kept)
+            best[n] = max(best.get(n, row), row)
+    print(f"\nCPUs (Ray logical): {int(ray.cluster_resources()['CPU'])}, cores: {os.cpu_count()}")
+    one = best[1]
+    print(f"ratio pipeline / one-process encode_batch (library threads): {one[0] / one[1]:.2f}x")
+    print(f"ratio pipeline / one-process encode_batch (one thread):      {one[0] / one[2]:.2f}x")
+    for n, row in best.items():
+        print(f"{n}x corpus: {row[5]:,} tokens ({row[5] * 2 / 2**20:,.0f} MiB as uint16); "
+              f"driver received {row[3]:,} bytes, driver peak RSS +{row[4] / 2**20:,.0f} MiB")
     ray.shutdown()
 
 
