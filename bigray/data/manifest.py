@@ -12,7 +12,6 @@ import json
 
 import pyarrow.fs as pafs
 
-from bigray.config import StorageConfig
 from bigray.errors import DataError
 from bigray.storage import Store, join
 
@@ -20,14 +19,9 @@ MANIFEST_VERSION = 2
 SPLITS = ("train", "val")
 
 
-def _store(store: Store | StorageConfig | None) -> Store:
-    # NOTE: accepts the storage section until bigray/train/trainer.py passes a Store (issue 12).
-    return store if isinstance(store, Store) else Store(store or StorageConfig())
-
-
 def read_manifest(uri: str, store: Store | None = None) -> tuple[dict, str]:
     """(manifest, its directory) from a manifest.json URI or the directory holding one; v1 and v2 load."""
-    store = _store(store)
+    store = store or Store()
     path = uri if uri.endswith(".json") else join(uri, "manifest.json")
     if not store.exists(path):
         raise DataError(f"{path}: no manifest; run `bigray prepare` first")
@@ -50,7 +44,7 @@ def load_split(manifest_uri: str, split: str = "train", store: Store | None = No
     """A lazy, streaming Ray Dataset of a split's packed rows (column `tokens`, seq_len + 1 ids each)."""
     import ray.data
 
-    store = _store(store)
+    store = store or Store()
     manifest, root = read_manifest(manifest_uri, store)
     if split not in manifest["splits"]:
         raise DataError(f"{manifest_uri}: no split {split!r}; splits: {sorted(manifest['splits'])}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -97,30 +98,15 @@ def write_dataset(data: DataConfig, store: Store, output: str, files: list[Input
     parts = data.partitions
     lsh = lsh_params(data.minhash_threshold, data.minhash_permutations) if data.dedup == "minhash" else None
     dtype = token_dtype(tok.vocab_size)
-    groups = read_groups(files)
     files_ref, tok_ref = ray.put(files), ray.put(tok.json)
     read = ray.remote(read_task).options(num_returns=1 + parts * (2 if lsh else 1))
-    outs = [read.remote(files_ref, g, data, store, tok_ref, tok.eos_id, dtype.str, lsh) for g in groups]
+    outs = [read.remote(files_ref, g, data, store, tok_ref, tok.eos_id, dtype.str, lsh) for g in read_groups(files)]
     reads = ray.get([o[0] for o in outs])
-
-    dropped = Counter()
-    first: dict[str, tuple[int, str]] = {}
-    for r in reads:
-        dropped.update(r["dropped"])
-        for reason, example in r["first"].items():
-            first[reason] = min(first.get(reason, example), example)
-    docs_read = sum(r["docs_read"] for r in reads)
     if sum(r["docs"] for r in reads) == 0:
-        raise DataError(f"empty corpus: {docs_read} documents read from {len(files)} files, none kept "
-                        f"(dropped: {dict(dropped) or 'none'})")
-
-    marks = [[] for _ in range(parts)]
-    if lsh:
-        band = ray.remote(band_task).options(num_returns=parts) if parts > 1 else ray.remote(band_task)
-        for q in range(parts):
-            got = band.remote(parts, data.minhash_threshold, *(o[1 + parts + q] for o in outs))
-            for p, ref in enumerate(got if parts > 1 else [got]):
-                marks[p].append(ref)
+        dropped = sum((Counter(r["dropped"]) for r in reads), Counter())
+        raise DataError(f"empty corpus: {sum(r['docs_read'] for r in reads)} documents read from {len(files)} files, "
+                        f"none kept (dropped: {dict(dropped) or 'none'})")
+    marks = band_marks(outs, data) if lsh else [[] for _ in range(parts)]
 
     clear_previous(store, output)
     row_len = data.seq_len + 1
@@ -134,31 +120,12 @@ def write_dataset(data: DataConfig, store: Store, output: str, files: list[Input
     ])
     del outs, marks  # the token parts: free the object store as soon as every write task is done
 
-    for w in written:
-        dropped.update(w["dropped"])
-        for reason, example in w["first"].items():
-            first[reason] = min(first.get(reason, example), example)
-    examples = {reason: where for reason, (_, where) in first.items()}
-    if "duplicate" in first:
-        examples["duplicate"] = where_of(files, first["duplicate"][0])
-    if "near_duplicate" in first:
-        pos, kept = first["near_duplicate"]
-        examples["near_duplicate"] = f"{where_of(files, pos)} ~ {where_of(files, kept)}"
-
-    splits = {}
-    for split in SPLITS:
-        parts_written = [w["splits"][split] for w in written]
-        blocks, start = [], 0
-        for block in itertools.chain.from_iterable(s["blocks"] for s in parts_written):
-            blocks.append({**block, "start": start})
-            start += block["rows"]
-        rows = sum(s["rows"] for s in parts_written)
-        splits[split] = {"rows": rows, "tokens": rows * row_len,
-                         "shards": [sh for s in parts_written for sh in s["shards"]], "blocks": blocks}
+    splits = {split: merge_split([w["splits"][split] for w in written], row_len) for split in SPLITS}
     tokens_kept = sum(w["tokens_kept"] for w in written)
     if splits["train"]["rows"] == 0:
         raise DataError(f"corpus too small: {tokens_kept} tokens kept, not one train row of "
                         f"seq_len + 1 = {row_len} tokens in any of the {parts} partitions (data.partitions)")
+    dropped, examples = drop_report(reads + written, files)
 
     tok_out = join(output, "tokenizer")
     if tok.uri.rstrip("/") != tok_out:
@@ -174,10 +141,10 @@ def write_dataset(data: DataConfig, store: Store, output: str, files: list[Input
         "splits": splits,
         "sources": [f.uri for f in files],
         "stats": {
-            "docs_read": docs_read,
+            "docs_read": sum(r["docs_read"] for r in reads),
             "docs_kept": sum(w["docs_kept"] for w in written),
-            "dropped": dict(sorted(dropped.items())),
-            "drop_examples": dict(sorted(examples.items())),
+            "dropped": dropped,
+            "drop_examples": examples,
             "tokens_kept": tokens_kept,
             # At most one partial row per split and partition: rows never span partitions.
             "tail_tokens_dropped": {s: sum(w["splits"][s]["tail"] for w in written) for s in SPLITS},
@@ -188,12 +155,56 @@ def write_dataset(data: DataConfig, store: Store, output: str, files: list[Input
     return manifest
 
 
+def band_marks(outs: list, data: DataConfig) -> list[list]:
+    """Submit a band task per key range; returns, per document partition, refs to its (later, first) pairs."""
+    import ray
+
+    parts = data.partitions
+    band = ray.remote(band_task).options(num_returns=parts) if parts > 1 else ray.remote(band_task)
+    marks: list[list] = [[] for _ in range(parts)]
+    for q in range(parts):
+        got = band.remote(parts, data.minhash_threshold, *(o[1 + parts + q] for o in outs))
+        for p, ref in enumerate(got if parts > 1 else [got]):
+            marks[p].append(ref)
+    return marks
+
+
+def merge_split(parts: list[dict], row_len: int) -> dict:
+    """One split's manifest entry from its partitions' (in partition order): shards, blocks with their start row."""
+    blocks, start = [], 0
+    for block in itertools.chain.from_iterable(p["blocks"] for p in parts):
+        blocks.append({**block, "start": start})
+        start += block["rows"]
+    return {"rows": start, "tokens": start * row_len, "shards": [s for p in parts for s in p["shards"]],
+            "blocks": blocks}
+
+
+def drop_report(summaries: list[dict], files: list[InputFile]) -> tuple[dict[str, int], dict[str, str]]:
+    """Drop counts by reason, and where the first (in input order) of each was."""
+    dropped: Counter = Counter()
+    first: dict[str, tuple] = {}
+    for s in summaries:
+        dropped.update(s["dropped"])
+        for reason, example in s["first"].items():
+            first[reason] = min(first.get(reason, example), example)
+    examples = {reason: where for reason, (_, where) in first.items()}
+    if "duplicate" in first:
+        examples["duplicate"] = where_of(files, first["duplicate"][0])
+    if "near_duplicate" in first:
+        later, earlier = first["near_duplicate"]
+        examples["near_duplicate"] = f"{where_of(files, later)} ~ {where_of(files, earlier)}"
+    return dict(sorted(dropped.items())), dict(sorted(examples.items()))
+
+
 def read_task(files: list[InputFile], indices: list[int], data: DataConfig, store: Store, tok_json: str, eos_id: int,
               dtype: str, lsh: tuple[int, int] | None) -> list:
     """Ray task: read, clean and tokenize `files[indices]`; returns [summary, doc part per partition, band parts].
 
     A doc part holds (pos, hash, lengths, tokens + EOS) of the documents whose hash the partition owns.
     """
+    # A read task holds one of Ray's CPUs, so it encodes on one thread: tokenizers' own pool would put
+    # n_cpus threads in each of n_cpus concurrent tasks. Read per call, so this worker's next task sees it too.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     dtype = np.dtype(dtype)
     eos = dtype.type(eos_id)
     tok = backend(tok_json)
@@ -307,7 +318,10 @@ def write_task(p: int, data: DataConfig, store: Store, output: str, row_len: int
         rows, tail = pack(gather(tokens, starts[mask], lengths[mask]), row_len)
         written = shards(rows, f"{split}-{p:05d}", rows_per_shard, block_rows) if len(rows) else []
         for shard in written:
-            store.write_bytes(join(output, shard.name), shard.data)
+            try:
+                store.write_bytes(join(output, shard.name), shard.data)
+            except OSError as exc:
+                raise DataError(f"{join(output, shard.name)}: cannot write ({exc})") from None
         splits[split] = {"rows": len(rows), "tail": tail,
                          "shards": [{"path": s.name, "rows": s.rows, "bytes": len(s.data)} for s in written],
                          "blocks": [b for s in written for b in s.blocks]}
