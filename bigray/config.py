@@ -103,6 +103,9 @@ class TrainConfig(Section):
     log_every: int = Field(10, ge=1, description="steps between metric reports")
     checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept")
+    checkpoint_upload: Literal["async", "sync"] = Field(
+        "async", description="async: training steps on while Ray Train uploads a checkpoint; sync: it waits"
+    )
     max_failures: int = Field(3, ge=0, description="worker-group restarts Ray Train attempts")
     storage_path: str | None = Field(None, description="local dir or s3:// prefix for runs")
     run_name: str | None = Field(None, description="null: generated")

@@ -7,20 +7,22 @@ whether they are due.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
 import random
+import re
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bigray.config import ModelConfig, TrainConfig
+from bigray.errors import BigrayError
 from bigray.runtime import quiet_ray_console
 from bigray.storage import Store
 from bigray.train.batches import global_batches, micro_slice, table_rows, train_batches
@@ -46,6 +48,7 @@ class RunContext:
     probe: list[int]  # token ids whose logits every checkpoint stores, for export to check against
     hf_cfg: Any  # the transformers config the model was built from
     precision: str
+    resume_keys: dict  # recorded in every checkpoint: what a run resuming it must agree with
     log: MetricsLog | None  # rank 0's metrics.jsonl and TensorBoard; None on other ranks
 
 
@@ -62,11 +65,12 @@ def train_func(config: dict) -> None:
     tok, seq_len = manifest["tokenizer"], manifest["seq_len"]
     engine, hf_cfg, precision = setup_engine(t, ModelConfig.model_validate(config["model"]), store, tok["vocab_size"],
                                              seq_len, tok["eos_id"], world, device)
-    step = restore(engine, rank, config["resume_from"], store)
+    agree = resume_keys(t, world, manifest, precision, hf_cfg)
+    step = restore(engine, rank, config["resume_from"], store, agree)
     apply_run_hyperparameters(engine, t)
     run = RunContext(train=t, store=store, rank=rank, world=world, device=device, run_dir=config["run_dir"],
                      tokenizer_dir=config["tokenizer_dir"], probe=config["probe"], hf_cfg=hf_cfg, precision=precision,
-                     log=MetricsLog(config["run_dir"], step, store) if rank == 0 else None)
+                     resume_keys=agree, log=MetricsLog(config["run_dir"], step, store) if rank == 0 else None)
     rows_per_step = world * t.micro_batch_size * t.grad_accum_steps
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     window = Window(run, rows_per_step * seq_len, flops_per_token(hf_cfg, n_params, seq_len),
@@ -83,8 +87,12 @@ def train_func(config: dict) -> None:
         metrics |= maybe_evaluate(engine, val, step, run)
         if run.log:
             run.log.log(metrics)
-        with maybe_checkpoint(engine, step, run) as checkpoint:
-            ray.train.report({k: v for k, v in metrics.items() if v is not None}, checkpoint=checkpoint)
+        # ASYNC: Ray uploads the dir in a thread (and then deletes it) while the next steps run; the checkpoint
+        # becomes the run's latest only once every rank's upload is done.
+        ray.train.report({k: v for k, v in metrics.items() if v is not None},
+                         checkpoint=maybe_checkpoint(engine, step, run),
+                         checkpoint_upload_mode=ray.train.CheckpointUploadMode[t.checkpoint_upload.upper()],
+                         delete_local_checkpoint_after_upload=True)
         window.reset()  # after the report: eval and checkpoint time are not step time
     if run.log:
         run.log.flush_tensorboard()
@@ -271,21 +279,24 @@ def evaluate(engine, val_batches: list[np.ndarray], run: RunContext) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-@contextmanager
-def maybe_checkpoint(engine, step: int, run: RunContext) -> Iterator[Any]:
+def maybe_checkpoint(engine, step: int, run: RunContext):
     """On checkpoint steps (every train.checkpoint_every, and the last) a ray.train.Checkpoint of this rank's
-    state, else None; its temp dir lives until the report that carries it returns. Collective.
+    state in a fresh local dir, else None. Collective.
 
-    Every rank reports its own dir; Ray Train merges them into one checkpoint in storage.
+    Every rank reports its own dir, holding only the files this rank wrote (no file is written by two
+    ranks); Ray Train uploads them into one checkpoint in storage and deletes the local dir afterwards.
     """
     if not checkpoint_due(step, run.train):
-        yield None
-        return
+        return None
     import ray.train
 
-    with tempfile.TemporaryDirectory(prefix="bigray-ckpt-") as tmp:
-        save_checkpoint(engine, step, run, tmp)
-        yield ray.train.Checkpoint.from_directory(tmp)
+    out_dir = tempfile.mkdtemp(prefix="bigray-ckpt-")
+    try:
+        save_checkpoint(engine, step, run, out_dir)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    return ray.train.Checkpoint.from_directory(out_dir)
 
 
 def save_checkpoint(engine, step: int, run: RunContext, out_dir: str) -> None:
@@ -307,14 +318,18 @@ def save_checkpoint(engine, step: int, run: RunContext, out_dir: str) -> None:
         run.store.copy_dir(run.tokenizer_dir, os.path.join(out_dir, "tokenizer"))
         torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, os.path.join(out_dir, "probe.pt"))
         meta = {"step": step, "precision": run.precision, "tag": CKPT_TAG, "zero_stage": run.train.zero_stage,
-                "world_size": run.world, "run_dir": run.run_dir}
+                "world_size": run.world, "run_dir": run.run_dir, "resume": run.resume_keys}
         with open(os.path.join(out_dir, "bigray.json"), "w") as f:
             json.dump(meta, f)
 
 
-def restore(engine, rank: int, resume_from: str | None, store: Store) -> int:
-    """Resume from Ray Train's latest checkpoint, else from `resume_from`, if any: weights, optimizer, scheduler,
-    step, RNG. Returns the step to continue after (0 for a fresh start)."""
+def restore(engine, rank: int, resume_from: str | None, store: Store, agree: dict) -> int:
+    """Resume from Ray Train's latest committed checkpoint, else from `resume_from`, if any: weights, optimizer,
+    scheduler, step, RNG. Returns the step to continue after (0 for a fresh start).
+
+    Fetches only this rank's files (`rank_files`); raises if the checkpoint was written under settings that
+    disagree with `agree` (this run's `resume_keys`).
+    """
     import ray.train
     import torch
 
@@ -325,12 +340,83 @@ def restore(engine, rank: int, resume_from: str | None, store: Store) -> int:
         checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is None:
         return 0
-    with checkpoint.as_directory() as d:
+    with tempfile.TemporaryDirectory(prefix="bigray-restore-") as d:
+        fetch_rank_files(checkpoint.filesystem, checkpoint.path, rank, d)
+        with open(os.path.join(d, "bigray.json")) as f:
+            check_resume(json.load(f).get("resume", {}), agree, checkpoint.path)
         _, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
-        rng_path = os.path.join(d, "rng", f"rank_{rank}.pt")
-        if os.path.exists(rng_path):  # absent when resuming with a different world size
-            _set_rng_state(torch.load(rng_path, weights_only=False))
+        _set_rng_state(torch.load(os.path.join(d, "rng", f"rank_{rank}.pt"), weights_only=False))
     return client_state["step"]
+
+
+# Checkpoint files only `bigray export` reads, and the zero_to_*.py scripts DeepSpeed copies beside its shards: a
+# resuming rank skips them.
+EXPORT_ONLY = ("hf/", "tokenizer/", "probe.pt", "zero_to_")
+
+
+def rank_of(rel_path: str) -> int | None:
+    """The data-parallel rank a checkpoint file belongs to (a ZeRO shard, an RNG state), None if shared."""
+    m = re.search(r"(?:^|/)(?:bf16_)?zero_pp_rank_(\d+)_", rel_path) or re.fullmatch(r"rng/rank_(\d+)\.pt", rel_path)
+    return int(m.group(1)) if m else None
+
+
+def rank_files(rel_paths: list[str], rank: int) -> list[str]:
+    """The files of a checkpoint that `rank` needs to resume: its own ZeRO shards and RNG state plus the shared
+    ones (DeepSpeed's model states under ZeRO 0-2, bigray.json), not other ranks' shards nor export's files."""
+    return [p for p in rel_paths if not p.startswith(EXPORT_ONLY) and rank_of(p) in (None, rank)]
+
+
+def fetch_rank_files(fs, path: str, rank: int, dest: str) -> list[tuple[str, int]]:
+    """Copy `rank_files` of the checkpoint at `path` on `fs` into `dest`; returns (relative path, bytes) of each."""
+    import pyarrow.fs as pafs
+
+    root = path.rstrip("/")
+    infos = {i.path[len(root) + 1:]: i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+             if i.type == pafs.FileType.File}
+    fetched = []
+    for rel in rank_files(sorted(infos), rank):
+        target = os.path.join(dest, rel)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with fs.open_input_stream(infos[rel].path) as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, 16 << 20)
+        fetched.append((rel, infos[rel].size))
+    return fetched
+
+
+def resume_keys(t: TrainConfig, world: int, manifest: dict, precision: str | None = None, hf_cfg=None) -> dict:
+    """What a run resuming a checkpoint must agree with, as recorded in its bigray.json.
+
+    The model's shape and precision only where known (workers know them, the driver checks the rest first).
+    """
+    keys = {"zero_stage": t.zero_stage, "num_workers": world,
+            "global_batch_rows": world * t.micro_batch_size * t.grad_accum_steps, "seed": t.seed,
+            "shuffle_window": t.shuffle_window,
+            "manifest_sha": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()}
+    if precision is not None:
+        keys["precision"] = precision
+    if hf_cfg is not None:
+        shape = {k: v for k, v in hf_cfg.to_dict().items() if k in MODEL_SHAPE_KEYS}
+        keys |= {f"model.{k}": v for k, v in sorted(shape.items())}
+    return keys
+
+
+# transformers config fields that fix the parameter shapes (Llama and GPT-2 spellings).
+MODEL_SHAPE_KEYS = {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head", "n_inner",
+                    "max_position_embeddings", "n_positions", "tie_word_embeddings"}
+
+
+def check_resume(recorded: dict, current: dict, where: str) -> None:
+    """Raise naming every key (present in both) on which the checkpoint and this run disagree."""
+    bad = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
+    if not bad:
+        return
+    lines = [f"{k}: checkpoint {recorded[k]!r}, this run {current[k]!r}" for k in bad]
+    hint = ""
+    if "num_workers" in bad:
+        hint = ("; resuming on another number of workers (elastic ZeRO resume through DeepSpeed's universal "
+                "checkpoint) is not supported yet: keep train.num_workers, or start a new train.run_name")
+    raise BigrayError(f"cannot resume from {where}: it was written under other settings ({'; '.join(lines)}){hint}")
 
 
 def apply_run_hyperparameters(engine, t: TrainConfig) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,11 +13,11 @@ from ray.train import UserCallback
 
 from bigray.config import Config, ModelConfig, TrainConfig, require
 from bigray.data import load_split, read_manifest
-from bigray.errors import BigrayError, ConfigError
+from bigray.errors import BigrayError, ConfigError, DataError
 from bigray.runtime import init_ray, resolve_log_level
 from bigray.storage import Store, join
-from bigray.train.export import ExportResult, checkpoint_uri, export
-from bigray.train.loop import PROBE_TOKENS, train_func
+from bigray.train.export import ExportResult, checkpoint_uri, committed_checkpoint, export
+from bigray.train.loop import PROBE_TOKENS, check_resume, resume_keys, train_func
 from bigray.train.metrics import plot, read_records
 from bigray.train.model import pretrained_vocab
 
@@ -77,6 +78,17 @@ def plan_run(cfg: Config) -> RunPlan:
                    run_name=run_name, run_dir=join(storage_path, run_name),
                    has_val=manifest["splits"]["val"]["rows"] >= t.num_workers * t.micro_batch_size,
                    log_level=resolve_log_level(cfg.ray))
+
+
+def check_resume_agrees(run: RunPlan) -> None:
+    """Before any worker starts: when the run dir holds a committed checkpoint (Ray Train resumes from it),
+    refuse settings it cannot be resumed under, naming the key (the workers check the model shape too)."""
+    try:
+        checkpoint = committed_checkpoint(run.run_dir, run.store)
+    except DataError:  # a new run, or one that never committed a checkpoint: nothing to resume
+        return
+    meta = json.loads(run.store.read_bytes(join(checkpoint, "bigray.json")))
+    check_resume(meta.get("resume", {}), resume_keys(run.train, run.train.num_workers, run.manifest), checkpoint)
 
 
 def probe_tokens(run: RunPlan) -> list[int]:
@@ -191,6 +203,7 @@ def train(cfg: Config, progress: Callable[[dict], None] | None = None) -> TrainR
     import ray.data
 
     run = plan_run(cfg)
+    check_resume_agrees(run)
     init_ray(cfg.ray)
     # Workers each run their own Ray Data stream; their progress bars would interleave into noise.
     ray.data.DataContext.get_current().enable_progress_bars = False

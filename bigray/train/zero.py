@@ -36,8 +36,10 @@ def deepspeed_config(t: TrainConfig, world_size: int, precision: str, on_gpu: bo
         "wall_clock_breakdown": False,
         # A plain torch AdamW on CPU; on GPU offload DeepSpeed swaps in its CPU Adam itself.
         "zero_force_ds_cpu_optimizer": False,
-        # Each node writes its own shards: checkpoints go to node-local temp dirs that Ray Train uploads.
-        "checkpoint": {"use_node_local_storage": True},
+        # Checkpoints go to node-local temp dirs that Ray Train uploads; DeepSpeed's default (not
+        # use_node_local_storage) has only global rank 0 write the shared model-states file, so no two
+        # nodes upload the same file. Every rank fetches its own copy on restore (loop.restore).
+        "checkpoint": {"use_node_local_storage": False},
     }
     if precision == "bf16":
         # bf16 keeps 8 mantissa bits: summed in bf16, the small micro-batch and rank contributions to a gradient

@@ -14,6 +14,7 @@ import threading
 import time
 
 import numpy as np
+import pyarrow.fs as pafs
 import pytest
 
 from bigray.config import load_config
@@ -119,6 +120,36 @@ def test_export_ignores_a_newer_partial_checkpoint(reference_run, tmp_path, capl
     finally:
         fs, path = STORE.filesystem(partial)
         fs.delete_dir(path)
+
+
+def test_a_resuming_rank_fetches_its_own_shards_only(reference_run, tmp_path):
+    """On the run's real DeepSpeed checkpoint: rank 1 fetches its optimizer shard, RNG state and the shared files."""
+    from bigray.train.export import committed_checkpoint
+    from bigray.train.loop import fetch_rank_files
+
+    _, out, _ = reference_run
+    fs, path = STORE.filesystem(committed_checkpoint(out.run_dir, STORE))
+    fetched = dict(fetch_rank_files(fs, path, 1, str(tmp_path)))
+    assert set(fetched) == {"bigray.json", "latest", "ds/mp_rank_00_model_states.pt",
+                            "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng/rank_1.pt"}
+    stored = {i.path: i.size for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+              if i.type == pafs.FileType.File}
+    assert path + "/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt" in stored
+    assert sum(fetched.values()) < 0.75 * sum(stored.values()), (fetched, stored)
+
+
+def test_resuming_with_other_settings_fails_before_workers_naming_the_key(reference_run):
+    from bigray.errors import BigrayError
+    from bigray.train.trainer import train
+
+    ref_cfg, _, _ = reference_run
+    window = ref_cfg.train.shuffle_window
+    cases = [({"num_workers": 1, "grad_accum_steps": 2}, r"num_workers: checkpoint 2, this run 1.*elastic"),
+             ({"shuffle_window": 7}, rf"shuffle_window: checkpoint {window}, this run 7")]
+    for update, message in cases:
+        cfg = ref_cfg.model_copy(update={"train": ref_cfg.train.model_copy(update=update)})
+        with pytest.raises(BigrayError, match=message):
+            train(cfg)
 
 
 def test_zero3_local_storage(shards, tmp_path):
