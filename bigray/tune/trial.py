@@ -44,14 +44,14 @@ def trial_resources(pin_to_head: bool):
 def pointers_kept(tc: TuneConfig, t: TrainConfig) -> int:
     """How many checkpoint pointers Tune keeps per trial (`Trial._start` keeps one more Train checkpoint).
 
-    Under PBT a trial's pointer from its last perturbation must outlive the checkpoints it writes until
-    its next one (a lower trial may clone it meanwhile): perturbation_interval / checkpoint_every of
-    them, plus PBT's own save at the perturbation.
+    Under PBT the pointer a top trial saved at its last perturbation is what a lower trial clones, until
+    the top trial's next perturbation. Meanwhile it adds perturbation_interval / checkpoint_every pointers
+    plus PBT's own save at the next perturbation; twice that leaves room for a clone still restoring.
     """
     if tc.scheduler != "pbt":
         return t.keep_checkpoints
     interval = tc.perturbation_interval or t.checkpoint_every
-    return max(t.keep_checkpoints, interval // t.checkpoint_every + 1)
+    return max(t.keep_checkpoints, 2 * (interval // t.checkpoint_every + 1))
 
 
 class ForwardToTune(UserCallback):
@@ -93,6 +93,13 @@ class Trial(Trainable):
             return
         self._check_exists(pointer["checkpoint"])
         self.resume_from, self.resume_step = pointer["checkpoint"], pointer["step"]
+        if not posixpath.basename(posixpath.dirname(self.resume_from.rstrip("/"))).startswith(self.trial_id):
+            # PBT's exploit of another trial, which keeps training and rotating its checkpoints while this
+            # trial's Train run starts (a minute): copy the checkpoint now, while it is sure to exist.
+            seed = join(self.cfg.train.storage_path, f"{self.trial_id}-seed-{self.resume_step}")
+            self.store.copy_dir(self.resume_from, seed)
+            self.resume_from = seed
+            pointer = {**pointer, "checkpoint": seed}
         self.last_checkpoint = pointer
 
     def save_checkpoint(self, checkpoint_dir: str):

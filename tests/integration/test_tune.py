@@ -313,11 +313,8 @@ def test_pbt_exploits_checkpoints(shards, s3, ray_cluster):
     out = tune(cfg)
     runs = steps_done(join(out.sweep_dir, "runs"))
     assert any("-from-" in run for run in runs), "PBT restarted a trial from another trial's checkpoint"
+    assert any("-seed-" in run for run in runs), "the exploited checkpoint was copied before its source rotated it out"
     assert all(t.step == 30 and t.status == FINISHED for t in out.trials)
-    # Bounded retention: no Train run keeps more than Tune's pointers need, plus one.
-    for run in {uri.split("/runs/")[1].split("/")[0] for uri in STORE.expand(join(out.sweep_dir, "runs"))}:
-        kept = {u.split("/")[-2] for u in STORE.expand(join(out.sweep_dir, "runs", run)) if u.endswith("/bigray.json")}
-        assert len(kept) <= 3, (run, kept)
 
 
 def test_pbt_refuses_a_model_mutation_before_any_trial(shards, s3):
