@@ -71,7 +71,7 @@ def _serve(cfg: Config, args) -> None:
 
     import ray
 
-    from bigray.serve import start, stop
+    from bigray.serve.deploy import start, stop
     from bigray.serve.app import model_name
 
     was_connected = ray.is_initialized()

@@ -84,7 +84,7 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
 
     from bigray.data import prepare
     from bigray.runtime import init_ray
-    from bigray.serve import start, stop
+    from bigray.serve.deploy import start, stop
     from bigray.train.trainer import train
     from bigray.tune import tune
 
