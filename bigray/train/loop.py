@@ -230,14 +230,15 @@ def build_lr_scheduler(optimizer, t: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
 
 
-def lm_loss(engine, rows: np.ndarray, device):
-    """Next-token cross-entropy: inputs rows[:, :-1], labels rows[:, 1:]."""
+def lm_loss(engine, rows: np.ndarray, device, loss_impl: str = "auto"):
+    """Next-token cross-entropy: inputs rows[:, :-1], labels rows[:, 1:], computed as train.loss_impl says."""
     import torch
-    import torch.nn.functional as F
+
+    from bigray.train import loss as losses
 
     tokens = torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
-    logits = engine(input_ids=tokens[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tokens[:, 1:].reshape(-1))
+    impl = losses.resolve_loss_impl(loss_impl, device.type, engine.zero_optimization_stage())
+    return losses.lm_loss(engine, tokens[:, :-1], tokens[:, 1:], impl)
 
 
 class ValBatches:
