@@ -105,7 +105,7 @@ def train_step(engine, batch: np.ndarray, run: RunContext):
     """
     t, total = run.train, 0.0
     for m in range(t.grad_accum_steps):
-        loss = lm_loss(engine, micro_slice(batch, m, run.rank, run.world, t.micro_batch_size), run.device)
+        loss = lm_loss(engine, micro_slice(batch, m, run.rank, run.world, t.micro_batch_size), run.device, t.loss_impl)
         engine.backward(loss)
         engine.step()
         total += loss.detach()
@@ -273,7 +273,8 @@ def evaluate(engine, val_batches: list[np.ndarray], run: RunContext) -> float:
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for batch in val_batches:
-            loss = lm_loss(engine, micro_slice(batch, 0, run.rank, run.world, run.train.micro_batch_size), device)
+            rows = micro_slice(batch, 0, run.rank, run.world, run.train.micro_batch_size)
+            loss = lm_loss(engine, rows, device, run.train.loss_impl)
             total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
     engine.train()
     torch.distributed.all_reduce(total)

@@ -14,12 +14,14 @@ from ray.train import UserCallback
 from bigray.config import Config, ModelConfig, TrainConfig, require
 from bigray.data import load_split, read_manifest
 from bigray.errors import BigrayError, ConfigError, DataError
+from bigray.plan import check_fits
 from bigray.runtime import init_ray, resolve_log_level
 from bigray.storage import Store, join
 from bigray.train.export import ExportResult, checkpoint_uri, committed_checkpoint, export
 from bigray.train.loop import PROBE_TOKENS, check_resume, resume_keys, train_func
 from bigray.train.metrics import plot, read_records
 from bigray.train.model import pretrained_vocab
+from bigray.train.zero import worker_env_vars
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,8 @@ def plan_run(cfg: Config) -> RunPlan:
         raise ConfigError(f"train split of {manifest_uri} has {train_rows} rows, fewer than one global batch "
                           f"(num_workers {t.num_workers} x micro_batch_size {t.micro_batch_size} "
                           f"x grad_accum_steps {t.grad_accum_steps})")
+    # A GPU config that cannot fit fails here, not as an OOM an hour into the run (no-op on CPU).
+    check_fits(t, cfg.model, vocab, manifest["seq_len"], store)
     kind = cfg.model.preset if not cfg.model.pretrained else "finetune"
     run_name = t.run_name or f"bigray-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     return RunPlan(train=t, model=cfg.model, store=store, manifest=manifest, root=root, storage_path=storage_path,
@@ -136,6 +140,8 @@ def trainer(run: RunPlan, name: str | None = None, resume_from: str | None = Non
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks, logging_config=ray.LoggingConfig(log_level=run.log_level),
+            # Ray starts workers with OMP_NUM_THREADS=1; CPU-side work (offloaded Adam) gets the CPUs reserved.
+            worker_runtime_env={"env_vars": worker_env_vars(t)},
         ),
         datasets=datasets,
         # Not split: every worker streams the whole split in the same preserved order and takes
