@@ -79,16 +79,11 @@ def collect(grid, record: dict[str, str], metric: str, max_steps: Callable[[dict
         if df is not None and metric in df and "step" in df:
             curve = [(int(s), float(v)) for s, v in zip(df["step"], df[metric]) if not (math.isnan(s) or math.isnan(v))]
         step = int(df["step"].dropna().iloc[-1]) if df is not None and "step" in df and df["step"].notna().any() else 0
-        event = record.get(trial_id)
-        status = (
-            ERROR
-            if event == "error"
-            else UNFINISHED
-            if event != "complete"
-            else FINISHED
-            if step >= max_steps(dict(result.config))
-            else STOPPED
-        )
+        event, trained = record.get(trial_id), step >= max_steps(dict(result.config))
+        if (result.metrics or {}).get("done") and trained:
+            # Its final result reached Tune; the completion event may not have (a driver lost right after it).
+            event = "complete"
+        status = ERROR if event == "error" else UNFINISHED if event != "complete" else FINISHED if trained else STOPPED
         run_dir = (
             df["run_dir"].dropna().iloc[-1]
             if df is not None and "run_dir" in df and df["run_dir"].notna().any()
