@@ -90,7 +90,15 @@ def test_resolve_loss_impl():
 def loss_step_peak(impl: str, tokens: int, vocab: int, hidden: int) -> int:
     """Peak RSS growth (bytes) of one loss forward + backward from fp32 hidden states, in a fresh process."""
     code = f"""
-import json, resource, psutil, torch
+import json, psutil, torch
+# ru_maxrss is no use here: Linux carries the parent's high-water mark over fork + exec, so a child of a big
+# pytest process "peaks" at the parent's RSS. VmHWM belongs to this process's memory and clear_refs resets it.
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+def hwm():
+    with open("/proc/self/status") as f:
+        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
 import torch.nn.functional as F
 from bigray.train.loss import chunked_cross_entropy
 torch.set_num_threads(1)
@@ -101,12 +109,13 @@ labels = torch.randint(0, {vocab}, ({tokens},))
 warm = torch.nn.Linear({hidden}, 8, bias=False)  # kernels and their workspaces, tiny
 chunked_cross_entropy(warm, hidden[:4].detach().requires_grad_(), labels[:4] % 8).backward()
 base = psutil.Process().memory_info().rss
+reset_peak()
 if "{impl}" == "plain":
     loss = F.cross_entropy(lm_head(hidden).float(), labels)
 else:
     loss = chunked_cross_entropy(lm_head, hidden, labels)
 loss.backward()
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base))
+print(json.dumps(hwm() - base))
 """
     # Big allocations straight from mmap and back: glibc's heap would otherwise keep freed chunks in the RSS.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
