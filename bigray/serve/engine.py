@@ -356,21 +356,24 @@ class Engine:
         import torch
 
         self._step_started = time.monotonic()
-        ok = True
+        ok, worked = True, False
         try:
             with torch.inference_mode():
                 self._drop_finished()  # cancelled since the last step
                 if self._rows:
+                    worked = True
                     ok &= self._guarded(self._decode_step, self._fail_newest_row)
                     self._drop_finished()  # rows that just finished free their slot and budget for admission
                 if self._prefill is None:
                     self._admit()
                 if self._prefill is not None:
+                    worked = True
                     ok &= self._guarded(self._prefill_chunk, self._fail_prefill)
                 self._drop_finished()
         finally:
             self._step_started = None
-        self._failures = 0 if ok else self._failures + 1
+        if worked:  # an idle turn of the loop proves nothing: it must not end a run of failures
+            self._failures = 0 if ok else self._failures + 1
         self.metrics.load(len(self._pending), len(self._rows), sum(len(s.prompt) + len(s.ids) for s in self._rows))
 
     def _guarded(self, work, on_error) -> bool:
