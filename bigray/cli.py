@@ -71,8 +71,8 @@ def _serve(cfg: Config, args) -> None:
 
     import ray
 
-    from bigray.serve.deploy import start, stop
     from bigray.serve.app import model_name
+    from bigray.serve.deploy import start, stop
 
     was_connected = ray.is_initialized()
     done = threading.Event()

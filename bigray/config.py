@@ -24,11 +24,15 @@ class Section(BaseModel):
 
 
 class RayConfig(Section):
-    address: str | None = Field(None, description='null: start a local cluster on 127.0.0.1; "auto" or ray://host:10001')
+    address: str | None = Field(
+        None, description='null: start a local cluster on 127.0.0.1; "auto" or ray://host:10001'
+    )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of a local cluster (null: all of this machine's)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
-        None, description="console level of Ray's own loggers (Train, Data, Serve); null: WARNING on a local cluster, "
-        "INFO on a cluster you connect to. Ray's log files keep everything either way")
+        None,
+        description="console level of Ray's own loggers (Train, Data, Serve); null: WARNING on a local cluster, "
+        "INFO on a cluster you connect to. Ray's log files keep everything either way",
+    )
 
 
 class StorageConfig(Section):
@@ -38,37 +42,50 @@ class StorageConfig(Section):
 
 class DataConfig(Section):
     inputs: list[str] = Field(
-        default_factory=list, description="local paths, globs or s3:// URIs; {stdlib} is Python's standard library dir")
+        default_factory=list, description="local paths, globs or s3:// URIs; {stdlib} is Python's standard library dir"
+    )
     exclude: list[str] = Field(
-        default_factory=list, description="glob patterns (fnmatch on the full path) of files to skip")
+        default_factory=list, description="glob patterns (fnmatch on the full path) of files to skip"
+    )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
-        "auto", description="auto picks by extension: .jsonl/.json, .parquet, anything else is text")
+        "auto", description="auto picks by extension: .jsonl/.json, .parquet, anything else is text"
+    )
     text_field: str = Field("text", description="jsonl/parquet field holding the document")
     output: str | None = Field(None, description="local dir or s3:// prefix for shards and manifest.json")
     tokenizer: str | None = Field(
-        None, description="HF tokenizer dir (local or s3://); null: prepare trains one beside the shards")
+        None, description="HF tokenizer dir (local or s3://); null: prepare trains one beside the shards"
+    )
     vocab_size: int = Field(8192, ge=256, le=1 << 20, description="vocab size when bigray trains the tokenizer")
     tokenizer_sample_mb: float = Field(
-        64.0, gt=0, description="MB of input text the tokenizer is trained on (a seeded sample)")
+        64.0, gt=0, description="MB of input text the tokenizer is trained on (a seeded sample)"
+    )
     seq_len: int = Field(1024, ge=1, description="tokens per training sequence; rows hold seq_len + 1 ids")
     val_fraction: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of documents assigned to the val split")
     min_chars: int = Field(1, ge=0, description="drop documents shorter than this (after NFC)")
     dedup: Literal["exact", "minhash", "none"] = Field(
-        "exact", description="exact: drop repeated documents (content hash); minhash: also near-duplicates; "
-        "true/false mean exact/none")
+        "exact",
+        description="exact: drop repeated documents (content hash); minhash: also near-duplicates; "
+        "true/false mean exact/none",
+    )
     minhash_ngram: int = Field(5, ge=1, description="minhash: tokens per shingle")
     minhash_permutations: int = Field(128, ge=8, le=1024, description="minhash: signature length (hash permutations)")
     minhash_threshold: float = Field(
-        0.8, gt=0, lt=1, description="minhash: Jaccard similarity above which documents are near-duplicates")
+        0.8, gt=0, lt=1, description="minhash: Jaccard similarity above which documents are near-duplicates"
+    )
     partitions: int = Field(
-        16, ge=1, description="hash partitions that dedup, split, pack and write in parallel; fixed so output never "
-        "depends on the cluster; each drops at most one partial row per split")
+        16,
+        ge=1,
+        description="hash partitions that dedup, split, pack and write in parallel; fixed so output never "
+        "depends on the cluster; each drops at most one partial row per split",
+    )
     block_rows: int | None = Field(
-        None, ge=1, description="rows per parquet row group, the unit a reader fetches; null: ~4 MB of tokens")
+        None, ge=1, description="rows per parquet row group, the unit a reader fetches; null: ~4 MB of tokens"
+    )
     seed: int = Field(0, ge=0, description="seeds the train/val split and the tokenizer sample")
     shard_mb: float = Field(64.0, gt=0, description="target size of one parquet shard")
     on_bad_record: Literal["drop", "error"] = Field(
-        "drop", description="bad JSON / missing field / invalid UTF-8: count and drop, or fail")
+        "drop", description="bad JSON / missing field / invalid UTF-8: count and drop, or fail"
+    )
     docs_per_task: int = Field(256, ge=1, description="documents per encode batch in a read task (no effect on output)")
 
     @field_validator("dedup", mode="before")
@@ -79,7 +96,9 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    preset: Literal["tiny", "125m", "350m", "1b", "8b"] = Field("tiny", description="Llama-architecture shape, random init")
+    preset: Literal["tiny", "125m", "350m", "1b", "8b"] = Field(
+        "tiny", description="Llama-architecture shape, random init"
+    )
     pretrained: str | None = Field(None, description="local or s3:// HF model dir; overrides preset")
 
 
@@ -90,7 +109,9 @@ class TrainConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage")
     offload_optimizer: bool = Field(False, description="ZeRO optimizer state on CPU")
     offload_params: bool = Field(False, description="ZeRO-3 parameters on CPU")
-    precision: Literal["bf16", "fp16", "fp32"] = Field("bf16", description="fp32 is forced where the device lacks the others")
+    precision: Literal["bf16", "fp16", "fp32"] = Field(
+        "bf16", description="fp32 is forced where the device lacks the others"
+    )
     micro_batch_size: int = Field(4, ge=1, description="sequences per worker per micro step")
     grad_accum_steps: int = Field(1, ge=1, description="micro steps per optimizer step")
     lr: float = Field(3.0e-4, gt=0, description="peak learning rate")
@@ -110,21 +131,34 @@ class TrainConfig(Section):
     storage_path: str | None = Field(None, description="local dir or s3:// prefix for runs")
     run_name: str | None = Field(None, description="null: generated")
     seed: int = Field(0, ge=0, description="model init and data order")
-    eval_batches: int | None = Field(None, ge=1, description="global val batches per evaluation; null: the whole val split")
-    shuffle_window: int = Field(4096, ge=1, description="rows shuffled together (seeded) while streaming the train split")
+    eval_batches: int | None = Field(
+        None, ge=1, description="global val batches per evaluation; null: the whole val split"
+    )
+    shuffle_window: int = Field(
+        4096, ge=1, description="rows shuffled together (seeded) while streaming the train split"
+    )
     activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the model")
     loss_impl: Literal["auto", "plain", "chunked", "liger"] = Field(
-        "auto", description="cross-entropy: full logits (plain), chunked lm_head + CE, liger's fused kernel; "
-        "auto: liger (else chunked) on GPU, plain on CPU (bigray/train/loss.py)"
+        "auto",
+        description="cross-entropy: full logits (plain), chunked lm_head + CE, liger's fused kernel; "
+        "auto: liger (else chunked) on GPU, plain on CPU (bigray/train/loss.py)",
     )
     gpu_memory_gb: float | None = Field(
-        None, gt=0, description="GiB per GPU for the planner's fit check before workers start; null: the driver's GPU, else none"
+        None,
+        gt=0,
+        description="GiB per GPU for the planner's fit check before workers start; null: the driver's GPU, else none",
     )
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs reserved per Ray Train worker")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}")
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description="Ray placement of the workers")
-    peak_tflops: float | None = Field(None, gt=0, description="device dense peak for MFU; null: from the table by device name")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="extra Ray resources per worker, e.g. {accelerator_type:H100: 0.01}"
+    )
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement of the workers"
+    )
+    peak_tflops: float | None = Field(
+        None, gt=0, description="device dense peak for MFU; null: from the table by device name"
+    )
     export: bool = Field(True, description="consolidate the final checkpoint into <run>/export/ (HF dir)")
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged last")
 
@@ -133,7 +167,10 @@ class TrainConfig(Section):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError(f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage}); ZeRO shards parameters only in stage 3")
+            raise ValueError(
+                f"offload_params needs zero_stage 3 (got zero_stage {self.zero_stage}); "
+                "ZeRO shards parameters only in stage 3"
+            )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
         if self.precision == "fp16" and not self.use_gpu:
@@ -224,11 +261,13 @@ class ServeConfig(Section):
         description="KV-cache tokens a replica admits (sum of prompt + max_tokens per sequence); null: batch x context",
     )
     prefill_chunk_tokens: int = Field(
-        512, ge=16,
+        512,
+        ge=16,
         description="prompt tokens (rows x columns) prefilled per engine step, so long prompts never stall streams",
     )
     step_timeout_s: float = Field(
-        120.0, gt=0,
+        120.0,
+        gt=0,
         description="an engine step running longer than this fails the health check (Serve replaces the replica)",
     )
     max_consecutive_failures: int = Field(
@@ -251,9 +290,15 @@ class ServeConfig(Section):
     @model_validator(mode="after")
     def _consistent_serve(self) -> ServeConfig:
         if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size ({self.max_batch_size}) or batches never fill")
+            raise ValueError(
+                f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                f"({self.max_batch_size}) or batches never fill"
+            )
         if self.autoscaling and self.autoscaling.min_replicas > self.autoscaling.max_replicas:
-            raise ValueError(f"autoscaling.min_replicas ({self.autoscaling.min_replicas}) exceeds max_replicas ({self.autoscaling.max_replicas})")
+            raise ValueError(
+                f"autoscaling.min_replicas ({self.autoscaling.min_replicas}) exceeds max_replicas "
+                f"({self.autoscaling.max_replicas})"
+            )
         return self
 
 
@@ -320,7 +365,9 @@ def parse_override(item: str) -> dict:
 def _describe(err: dict, origin: dict[str, str]) -> str:
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc)
-    source = next((origin[".".join(loc[:i])] for i in range(len(loc), 0, -1) if ".".join(loc[:i]) in origin), "defaults")
+    source = next(
+        (origin[".".join(loc[:i])] for i in range(len(loc), 0, -1) if ".".join(loc[:i]) in origin), "defaults"
+    )
     if err["type"] == "extra_forbidden":
         section = _section_of(loc[:-1])
         known = list(section.model_fields) if section else []
@@ -336,7 +383,9 @@ def _section_of(loc: list[str]) -> type[BaseModel] | None:
     for part in loc:
         field = model.model_fields.get(part)
         ann = field.annotation if field else None
-        ann = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        ann = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
         if ann is None:
             return None
         model = ann
