@@ -54,20 +54,28 @@ def init_ray(cfg: RayConfig) -> None:
 
 
 def quiet_ray_console(level: str) -> None:
-    """Raise the console threshold of Ray Data's logger in this process to `level`; its log file keeps all.
+    """Hold Ray's own records below `level` off this process's console; Ray's log files keep them all.
 
-    Ray Data configures its own `ray.data` logger (not propagating, DEBUG, a file and a console handler),
-    so `ray.init`'s logging config does not reach it. Call in every process that runs datasets (the
-    driver, Train workers). At WARNING, its one warning is that progress bars are off, which bigray chose.
+    Two places need it beyond `ray.init`'s logging config. Ray Data configures its own `ray.data` logger
+    (not propagating, with its own console handler); at WARNING its one warning is that progress bars are
+    off, which bigray chose. And a Train worker's root console handler gets Ray records that Train's own
+    level filter misses: Ray 2.60 logs "Reporting training result ..." on a logger named by file path, not
+    under `ray.train`. Call in every process that runs datasets or trains (the driver, Train workers).
     """
     if level in ("DEBUG", "INFO"):
         return
+    import ray
     import ray.data  # configures the logger adjusted below
 
     for handler in logging.getLogger("ray.data").handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setLevel("ERROR" if level == "WARNING" else level)
     ray.data.DataContext.get_current().print_on_execution_start = False
+    threshold, ray_dir = logging.getLevelName(level), os.path.dirname(ray.__file__)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            # The user's own INFO records (their train function's logging) still reach the console.
+            handler.addFilter(lambda r: r.levelno >= threshold or not r.pathname.startswith(ray_dir))
 
 
 def free_port() -> int:
