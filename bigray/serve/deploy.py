@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -65,7 +66,11 @@ def start(cfg: Config, timeout_s: float = 300.0) -> str:
     if cfg.serve.request_timeout_s:
         # The proxy's own limit, a backstop for the replica's per-request deadline.
         http["request_timeout_s"] = cfg.serve.request_timeout_s + 5
-    serve.start(http_options=http)
+    # Serve's controller, proxies and this driver's `ray.serve` logger follow ray.log_level (WARNING on a
+    # local start: no INFO line per endpoint update and replica); their log files keep everything.
+    level = cfg.ray.log_level or "INFO"
+    logging.getLogger("ray.serve").setLevel(level)
+    serve.start(http_options=http, logging_config={"log_level": level})
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
     url = base_url(cfg.serve)
     probe = f"{url}/health" if cfg.serve.engine == "hf" else f"{url}/v1/models"
