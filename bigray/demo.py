@@ -174,7 +174,7 @@ def demo(cfg: Config, address: str | None = None, bucket: str | None = None, out
         if local:
             # The local S3 server forgets everything when it stops: keep a copy on disk.
             out = out or tempfile.mkdtemp(prefix="bigray-demo-")
-            storage.copy_dir(root, out)
+            storage.Store(cfg.storage).copy_dir(root, out)
             written = {k: str(Path(out) / v.removeprefix(root + "/")) for k, v in written.items()}
         print("\n=== written ===")
         for key, where in written.items():

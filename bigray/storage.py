@@ -22,102 +22,12 @@ def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
 
-def filesystem(uri: str, storage: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem for `uri` and the path inside it.
-
-    s3:// honours `storage.endpoint_url` (else AWS_ENDPOINT_URL, as boto3 does) so the same code
-    talks to AWS, MinIO or a local moto server.
-    """
-    storage = storage or StorageConfig()
-    if uri.startswith("s3://"):
-        endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        region = storage.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region, allow_bucket_creation=True)
-        return fs, uri[len("s3://"):].rstrip("/")
-    if is_remote(uri):
-        fs, path = pafs.FileSystem.from_uri(uri)
-        return fs, path
-    path = uri[len("file://"):] if uri.startswith("file://") else uri
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
-
-
 def join(uri: str, *parts: str) -> str:
     return posixpath.join(uri.rstrip("/"), *parts) if is_remote(uri) else os.path.join(uri, *parts)
 
 
 def _scheme(uri: str) -> str:
     return uri[: uri.index("://") + 3] if is_remote(uri) else ""
-
-
-def expand(pattern: str, storage: StorageConfig | None = None) -> list[str]:
-    """Files matched by a path, directory (recursive) or glob; sorted; [] when nothing matches.
-
-    Raises DataError when the location itself (directory, bucket) does not exist.
-    """
-    if not is_remote(pattern):
-        path = os.path.expanduser(pattern[len("file://"):] if pattern.startswith("file://") else pattern)
-        if any(c in path for c in _WILDCARDS):
-            return sorted(p for p in _glob.glob(path, recursive=True) if os.path.isfile(p))
-        if os.path.isdir(path):
-            return sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
-        if os.path.isfile(path):
-            return [path]
-        raise DataError(f"{pattern}: no such file or directory")
-    fs, path = filesystem(pattern, storage)
-    scheme = _scheme(pattern)
-    wild = min((path.index(c) for c in _WILDCARDS if c in path), default=None)
-    base = path if wild is None else path[: path.rfind("/", 0, wild) + 1].rstrip("/")
-    try:
-        info = fs.get_file_info(base)
-    except OSError as exc:
-        raise DataError(f"{pattern}: cannot access ({exc})") from None
-    if info.type == pafs.FileType.NotFound:
-        raise DataError(f"{scheme}{base}: no such bucket, prefix or object")
-    if info.type == pafs.FileType.File:
-        return [scheme + base] if wild is None else []
-    try:
-        found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    except OSError as exc:
-        raise DataError(f"{pattern}: cannot list ({exc})") from None
-    files = sorted(f.path for f in found if f.type == pafs.FileType.File)
-    if wild is not None:
-        files = [f for f in files if fnmatch.fnmatchcase(f, path)]
-    return [scheme + f for f in files]
-
-
-def read_bytes(uri: str, storage: StorageConfig | None = None) -> bytes:
-    fs, path = filesystem(uri, storage)
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
-def write_bytes(uri: str, data: bytes, storage: StorageConfig | None = None) -> None:
-    fs, path = filesystem(uri, storage)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(data)
-
-
-def exists(uri: str, storage: StorageConfig | None = None) -> bool:
-    fs, path = filesystem(uri, storage)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def copy_dir(src: str, dst: str, storage: StorageConfig | None = None) -> None:
-    """Copy a directory tree between any two of local / S3."""
-    src_fs, src_path = filesystem(src, storage)
-    dst_fs, dst_path = filesystem(dst, storage)
-    dst_fs.create_dir(dst_path, recursive=True)
-    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
-
-
-def local_dir(uri: str, storage: StorageConfig | None = None) -> str:
-    """A local directory holding `uri`'s files: itself when local, else a fresh temporary copy."""
-    if not is_remote(uri):
-        return filesystem(uri)[1]
-    target = tempfile.mkdtemp(prefix="bigray-")
-    copy_dir(uri, target, storage)
-    return target
 
 
 @dataclass(frozen=True)
@@ -132,28 +42,90 @@ class Store:
     cfg: StorageConfig = field(default_factory=StorageConfig)
 
     def filesystem(self, uri: str) -> tuple[pafs.FileSystem, str]:
-        return filesystem(uri, self.cfg)
+        """The pyarrow filesystem for `uri` and the path inside it.
+
+        s3:// honours `storage.endpoint_url` (else AWS_ENDPOINT_URL, as boto3 does) so the same code
+        talks to AWS, MinIO or a local moto server.
+        """
+        if uri.startswith("s3://"):
+            endpoint = self.cfg.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+            region = (self.cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+                      or "us-east-1")
+            fs = pafs.S3FileSystem(endpoint_override=endpoint, region=region, allow_bucket_creation=True)
+            return fs, uri[len("s3://"):].rstrip("/")
+        if is_remote(uri):
+            fs, path = pafs.FileSystem.from_uri(uri)
+            return fs, path
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
     def expand(self, pattern: str) -> list[str]:
-        return expand(pattern, self.cfg)
+        """Files matched by a path, directory (recursive) or glob; sorted; [] when nothing matches.
+
+        Raises DataError when the location itself (directory, bucket) does not exist.
+        """
+        if not is_remote(pattern):
+            path = os.path.expanduser(pattern[len("file://"):] if pattern.startswith("file://") else pattern)
+            if any(c in path for c in _WILDCARDS):
+                return sorted(p for p in _glob.glob(path, recursive=True) if os.path.isfile(p))
+            if os.path.isdir(path):
+                return sorted(str(p) for p in Path(path).rglob("*") if p.is_file())
+            if os.path.isfile(path):
+                return [path]
+            raise DataError(f"{pattern}: no such file or directory")
+        fs, path = self.filesystem(pattern)
+        scheme = _scheme(pattern)
+        wild = min((path.index(c) for c in _WILDCARDS if c in path), default=None)
+        base = path if wild is None else path[: path.rfind("/", 0, wild) + 1].rstrip("/")
+        try:
+            info = fs.get_file_info(base)
+        except OSError as exc:
+            raise DataError(f"{pattern}: cannot access ({exc})") from None
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"{scheme}{base}: no such bucket, prefix or object")
+        if info.type == pafs.FileType.File:
+            return [scheme + base] if wild is None else []
+        try:
+            found = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        except OSError as exc:
+            raise DataError(f"{pattern}: cannot list ({exc})") from None
+        files = sorted(f.path for f in found if f.type == pafs.FileType.File)
+        if wild is not None:
+            files = [f for f in files if fnmatch.fnmatchcase(f, path)]
+        return [scheme + f for f in files]
 
     def read_bytes(self, uri: str) -> bytes:
-        return read_bytes(uri, self.cfg)
+        fs, path = self.filesystem(uri)
+        with fs.open_input_stream(path) as f:
+            return f.read()
 
     def write_bytes(self, uri: str, data: bytes) -> None:
-        write_bytes(uri, data, self.cfg)
+        fs, path = self.filesystem(uri)
+        fs.create_dir(posixpath.dirname(path), recursive=True)
+        with fs.open_output_stream(path) as f:
+            f.write(data)
 
     def read_text(self, uri: str) -> str:
-        return read_bytes(uri, self.cfg).decode()
+        return self.read_bytes(uri).decode()
 
     def write_text(self, uri: str, text: str) -> None:
-        write_bytes(uri, text.encode(), self.cfg)
+        self.write_bytes(uri, text.encode())
 
     def exists(self, uri: str) -> bool:
-        return exists(uri, self.cfg)
+        fs, path = self.filesystem(uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def copy_dir(self, src: str, dst: str) -> None:
-        copy_dir(src, dst, self.cfg)
+        """Copy a directory tree between any two of local / S3."""
+        src_fs, src_path = self.filesystem(src)
+        dst_fs, dst_path = self.filesystem(dst)
+        dst_fs.create_dir(dst_path, recursive=True)
+        pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
     def local_dir(self, uri: str) -> str:
-        return local_dir(uri, self.cfg)
+        """A local directory holding `uri`'s files: itself when local, else a fresh temporary copy."""
+        if not is_remote(uri):
+            return self.filesystem(uri)[1]
+        target = tempfile.mkdtemp(prefix="bigray-")
+        self.copy_dir(uri, target)
+        return target

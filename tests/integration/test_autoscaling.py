@@ -75,7 +75,7 @@ def test_training_job_brings_worker_nodes(shards, s3, tmp_path):
 
     assert len(added) >= 2, f"the autoscaler launched {added}; training needs 2 cpu-worker nodes"
     records = [
-        json.loads(line) for line in storage.read_bytes(f"{runs}/autoscaled/metrics.jsonl").decode().splitlines()
+        json.loads(line) for line in storage.Store().read_text(f"{runs}/autoscaled/metrics.jsonl").splitlines()
     ]
     assert [r["step"] for r in records] == [5, 10]
     assert any("/checkpoint_" in k for k in run_keys(s3, "autoscale-runs/autoscaled/"))

@@ -263,6 +263,6 @@ def test_ray_job_submit_train(shards, s3, tmp_path):
     assert any(k.endswith("/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt") for k in keys), (
         "both ranks' ZeRO shards in the checkpoint"
     )
-    records = [json.loads(line) for line in storage.read_bytes(f"{runs}/job/metrics.jsonl").decode().splitlines()]
+    records = [json.loads(line) for line in storage.Store().read_text(f"{runs}/job/metrics.jsonl").splitlines()]
     assert [r["step"] for r in records] == [5, 10] and "val_loss" in records[-1]
     assert "job-runs/job/export/model.safetensors" in keys
