@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from bigray import storage
-from tests.test_jobs import ROOT, TINY_TRAIN, job_runtime_env, ray_head, run_keys, submit
+from tests.integration.test_jobs import ROOT, TINY_TRAIN, job_runtime_env, ray_head, run_keys, submit
 
 
 def nodes(gcs: str, env: dict) -> list[dict]:
