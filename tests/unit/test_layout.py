@@ -19,7 +19,7 @@ ENTRY_POINTS = {
     "bigray/serve/deploy.py": {"build_app", "start"},
     "bigray/plan.py": {"plan"},
 }
-RAY_PRIVATE = re.compile(r"\bray(\.\w+)*\._\w+|\b_node_ip_address\b|\._experiment_analysis\b|\b_system_config\b")
+RAY_PRIVATE = re.compile(r"\bray(\.\w+)*\._(?!_)\w+|\b_node_ip_address\b|\._experiment_analysis\b|\b_system_config\b")
 COMPAT = "bigray/ray_compat.py"
 
 
