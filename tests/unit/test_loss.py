@@ -2,12 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +10,7 @@ from bigray.config import ModelConfig
 from bigray.errors import ConfigError
 from bigray.train.loss import IGNORE_INDEX, chunked_cross_entropy, final_hidden_states, lm_loss, resolve_loss_impl
 from bigray.train.model import model_config
+from tests.unit.memory_probe import run_probe
 
 
 def tiny_model(vocab: int = 512, seed: int = 0):
@@ -90,15 +85,6 @@ def test_resolve_loss_impl():
 def loss_step_peak(impl: str, tokens: int, vocab: int, hidden: int) -> int:
     """Peak RSS growth (bytes) of one loss forward + backward from fp32 hidden states, in a fresh process."""
     code = f"""
-import json, psutil, torch
-# ru_maxrss is no use here: Linux carries the parent's high-water mark over fork + exec, so a child of a big
-# pytest process "peaks" at the parent's RSS. VmHWM belongs to this process's memory and clear_refs resets it.
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-def hwm():
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
 import torch.nn.functional as F
 from bigray.train.loss import chunked_cross_entropy
 torch.set_num_threads(1)
@@ -117,12 +103,7 @@ else:
 loss.backward()
 print(json.dumps(hwm() - base))
 """
-    # Big allocations straight from mmap and back: glibc's heap would otherwise keep freed chunks in the RSS.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
-                         cwd=Path(__file__).resolve().parents[2])
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(code)
 
 
 def test_chunked_loss_peak_memory_falls_by_the_planned_factor():

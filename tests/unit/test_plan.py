@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +10,7 @@ from bigray.config import load_config
 from bigray.errors import ConfigError
 from bigray.plan import GIB, check_fits, memory_plan, model_shape, plan
 from bigray.storage import Store
+from tests.unit.memory_probe import run_probe
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,15 +18,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def step_peak(impl: str, vocab: int, seq_len: int, micro_batch: int) -> dict:
     """In a fresh process: RSS before a tiny-preset training step and the peak during the second one (bytes)."""
     code = f"""
-import json, psutil, torch
-# ru_maxrss is no use here: Linux carries the parent's high-water mark over fork + exec, so a child of a big
-# pytest process "peaks" at the parent's RSS. VmHWM belongs to this process's memory and clear_refs resets it.
-def reset_peak():
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-def hwm():
-    with open("/proc/self/status") as f:
-        return int(next(line for line in f if line.startswith("VmHWM")).split()[1]) * 1024
 from bigray.config import ModelConfig
 from bigray.train.loss import lm_loss
 from bigray.train.model import build_model, model_config
@@ -51,11 +39,7 @@ peak = hwm()
 print(json.dumps({{"base": base, "peak_before": peak_before, "peak": peak,
                   "params": sum(p.numel() * p.element_size() for p in model.parameters())}}))
 """
-    # Big allocations straight from mmap and back: glibc's heap would otherwise keep freed chunks in the RSS.
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return run_probe(code)
 
 
 @pytest.mark.parametrize("impl", ["plain", "chunked"])
