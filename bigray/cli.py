@@ -39,10 +39,12 @@ def _train(cfg: Config, args) -> None:
 
 def _export(cfg: Config, args) -> None:
     from bigray import display
+    from bigray.runtime import init_ray
     from bigray.storage import Store
-    from bigray.train.export import export
+    from bigray.train.export import export_in_task
 
-    display.export_line(export(args.run_dir, args.out_dir, Store(cfg.storage), checkpoint=args.checkpoint))
+    init_ray(cfg.ray)  # the consolidation runs as a Ray task on a node with the memory it needs
+    display.export_line(export_in_task(args.run_dir, args.out_dir, Store(cfg.storage), checkpoint=args.checkpoint))
 
 
 def _plan(cfg: Config, args) -> None:

@@ -73,55 +73,125 @@ def committed_checkpoint(run_dir: str, store: Store) -> str:
 
 
 def consolidated_state_dict(ckpt_dir: str, meta: dict) -> dict:
-    """Full fp32 weights from the per-rank ZeRO shards (stage 0 checkpoints hold them whole)."""
+    """Full fp32 weights from the per-rank ZeRO shards (stage 0 checkpoints hold them whole).
+
+    DeepSpeed memory-maps each rank's optimizer file and keeps only its fp32 partition (not Adam's moments),
+    so the shards stream through the page cache instead of being read whole into memory.
+    """
     import torch
 
     if meta["zero_stage"] == 0:
         states = torch.load(os.path.join(ckpt_dir, meta["tag"], "mp_rank_00_model_states.pt"), map_location="cpu",
-                            weights_only=False)
+                            mmap=True, weights_only=False)
         return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=meta["tag"])
 
 
+def export_memory(n_params: int, model_states_bytes: int, export_dtype_bytes: int) -> int:
+    """Bytes an export holds at its peak: the fp32 weights, plus the larger of DeepSpeed's model-states file
+    (read whole while the shards are parsed) and the export-dtype copy made while saving, plus 1 GiB for the
+    interpreter, torch and transformers. The model itself is built on the meta device: no second copy."""
+    return 4 * n_params + max(model_states_bytes, export_dtype_bytes * n_params) + 2**30
+
+
+def export_files(rel_paths: list[str]) -> list[str]:
+    """The checkpoint files an export reads: not the RNG states nor DeepSpeed's zero_to_*.py scripts."""
+    return [p for p in rel_paths if not p.startswith(("rng/", "zero_to_")) and "/zero_to_" not in p]
+
+
 def export(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = None) -> ExportResult:
     """Write `out_dir` (config.json, model.safetensors, tokenizer, generation config) from the run's latest
-    committed checkpoint, or from `checkpoint`; fails if the exported model's logits differ from the engine's."""
+    committed checkpoint, or from `checkpoint`; fails if the exported model's logits differ from the engine's.
+
+    Runs where it is called and holds the whole model: `export_in_task` runs it on a node that has the memory.
+    """
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    from bigray.train.loop import fetch_files
+
     ckpt_uri = checkpoint or committed_checkpoint(run_dir, store)
-    local = store.local_dir(ckpt_uri)
-    with open(os.path.join(local, "bigray.json")) as f:
-        meta = json.load(f)
-    hf_cfg = AutoConfig.from_pretrained(os.path.join(local, "hf"), local_files_only=True)
-    model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="sdpa")
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(local, meta), strict=False)
-    tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
-    if set(missing) - tied or unexpected:
-        raise BigrayError(f"{ckpt_uri}: checkpoint does not fit the model config "
-                          f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
-    model.tie_weights()
-    model.eval()
+    with tempfile.TemporaryDirectory(prefix="bigray-export-") as work:
+        local = os.path.join(work, "checkpoint")
+        fs, path = store.filesystem(ckpt_uri)
+        fetch_files(fs, path, local, export_files)
+        with open(os.path.join(local, "bigray.json")) as f:
+            meta = json.load(f)
+        hf_cfg = AutoConfig.from_pretrained(os.path.join(local, "hf"), local_files_only=True)
+        # Parameters on the meta device, then the consolidated tensors assigned in place: one copy of the weights.
+        # Buffers stay real: non-persistent ones (rotary frequencies) are not in the checkpoint.
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="sdpa")
+        state = consolidated_state_dict(local, meta)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        del state
+        tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
+        if set(missing) - tied or unexpected:
+            raise BigrayError(f"{ckpt_uri}: checkpoint does not fit the model config "
+                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+        model.tie_weights()
+        model.eval()
 
-    probe = torch.load(os.path.join(local, "probe.pt"), weights_only=True)
-    with torch.no_grad():
-        logits = model(input_ids=probe["input_ids"]).logits.float()
-    diff = (logits - probe["logits"]).abs().max().item()
-    tolerance = PROBE_TOLERANCE[meta["precision"]]
-    if diff > tolerance:
-        raise BigrayError(f"{ckpt_uri}: exported logits differ from the engine's by {diff:.3g} > {tolerance} "
-                          f"({meta['precision']}); export is wrong")
+        probe = torch.load(os.path.join(local, "probe.pt"), weights_only=True)
+        with torch.no_grad():
+            logits = model(input_ids=probe["input_ids"]).logits.float()
+        diff = (logits - probe["logits"]).abs().max().item()
+        tolerance = PROBE_TOLERANCE[meta["precision"]]
+        if diff > tolerance:
+            raise BigrayError(f"{ckpt_uri}: exported logits differ from the engine's by {diff:.3g} > {tolerance} "
+                              f"({meta['precision']}); export is wrong")
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(meta["precision"], torch.float32)
-    generation = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
-                                  pad_token_id=hf_cfg.pad_token_id, do_sample=False, max_new_tokens=256)
-    with tempfile.TemporaryDirectory(prefix="bigray-export-") as tmp:
-        model.to(dtype).save_pretrained(tmp, safe_serialization=True)
-        generation.save_pretrained(tmp)
-        store.copy_dir(os.path.join(local, "tokenizer"), tmp)
-        store.copy_dir(tmp, out_dir)
-    return ExportResult(out_dir=out_dir, checkpoint=ckpt_uri, step=meta["step"], probe_max_abs_diff=diff,
-                        dtype=str(dtype).replace("torch.", ""))
+        dtype = EXPORT_DTYPE[meta["precision"]]
+        generation = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
+                                      pad_token_id=hf_cfg.pad_token_id, do_sample=False, max_new_tokens=256)
+        out = os.path.join(work, "export")
+        model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+        generation.save_pretrained(out)
+        store.copy_dir(os.path.join(local, "tokenizer"), out)
+        store.copy_dir(out, out_dir)
+    return ExportResult(out_dir=out_dir, checkpoint=ckpt_uri, step=meta["step"], probe_max_abs_diff=diff, dtype=dtype)
+
+
+# The dtype model.safetensors is written in, by the precision the engine trained in.
+EXPORT_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def export_in_task(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = None,
+                   num_cpus: float = 1) -> ExportResult:
+    """`export` as a Ray task reserving the memory it needs (`export_memory`), so it runs on a node that has it,
+    not on the driver's (a head node is often the smallest); the driver only waits. Needs Ray initialised."""
+    import ray
+
+    ckpt_uri = checkpoint or committed_checkpoint(run_dir, store)
+    need, n_params = checkpoint_export_memory(ckpt_uri, store)
+    biggest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node["Alive"]), default=0)
+    if need > biggest:
+        raise BigrayError(f"export of {ckpt_uri} ({n_params / 1e9:.2f}B parameters) needs {need / 2**30:.1f} GiB of "
+                          f"memory on one node; the largest node of this Ray cluster has {biggest / 2**30:.1f} GiB: "
+                          "add a node with more memory")
+    log.info("export: consolidating %s (%.2fB parameters) in a Ray task reserving %.1f GiB memory and %g CPU",
+             ckpt_uri, n_params / 1e9, need / 2**30, num_cpus)
+    task = ray.remote(export).options(num_cpus=num_cpus, memory=need, max_retries=0)
+    return ray.get(task.remote(run_dir, out_dir, store, checkpoint=ckpt_uri))
+
+
+def checkpoint_export_memory(ckpt_uri: str, store: Store) -> tuple[int, int]:
+    """(`export_memory` bytes, parameter count) of a checkpoint, from its small files only: the parameter count
+    comes from its HF config on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    meta = json.loads(store.read_bytes(join(ckpt_uri, "bigray.json")))
+    hf = json.loads(store.read_bytes(join(ckpt_uri, "hf", "config.json")))
+    hf_cfg = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(hf_cfg).parameters())
+    fs, path = store.filesystem(join(ckpt_uri, meta["tag"]))
+    states = sum(i.size or 0 for i in fs.get_file_info(pafs.FileSelector(path))
+                 if i.type == pafs.FileType.File and i.base_name.endswith("model_states.pt"))
+    dtype_bytes = getattr(torch, EXPORT_DTYPE[meta["precision"]]).itemsize
+    return export_memory(n_params, states, dtype_bytes), n_params

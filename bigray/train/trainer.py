@@ -17,7 +17,7 @@ from bigray.errors import BigrayError, ConfigError, DataError
 from bigray.plan import check_fits
 from bigray.runtime import init_ray, resolve_log_level
 from bigray.storage import Store, join
-from bigray.train.export import ExportResult, checkpoint_uri, committed_checkpoint, export
+from bigray.train.export import ExportResult, checkpoint_uri, committed_checkpoint, export_in_task
 from bigray.train.loop import PROBE_TOKENS, check_resume, resume_keys, train_func
 from bigray.train.metrics import plot, read_records
 from bigray.train.model import pretrained_vocab
@@ -223,6 +223,6 @@ def train(cfg: Config, progress: Callable[[dict], None] | None = None) -> TrainR
     # The checkpoint fit() reports is the latest Ray committed, never a newer dir still (or half) uploaded.
     exported = None
     if run.train.export and result.checkpoint is not None:
-        exported = export(run.run_dir, join(run.run_dir, "export"), run.store,
-                          checkpoint=checkpoint_uri(run.run_dir, result.checkpoint))
+        exported = export_in_task(run.run_dir, join(run.run_dir, "export"), run.store,
+                                  checkpoint=checkpoint_uri(run.run_dir, result.checkpoint))
     return TrainResult(run_dir=run.run_dir, records=records, export=exported, wall_s=time.perf_counter() - start)

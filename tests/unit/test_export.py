@@ -27,3 +27,24 @@ def test_checkpoint_uri_keeps_the_run_dirs_scheme():
         path = "bucket/runs/r1/checkpoint_2026-01-01_10-00-00.000001/"
 
     assert checkpoint_uri("s3://bucket/runs/r1", Reported) == "s3://bucket/runs/r1/checkpoint_2026-01-01_10-00-00.000001"
+
+
+def test_export_memory_counts_fp32_weights_and_the_larger_transient():
+    from bigray.train.export import export_memory
+
+    gib = 2**30
+    # 8B parameters trained in bf16 under ZeRO-2: the model-states file holds the bf16 module (2 bytes a
+    # parameter), as large as the bf16 copy save_pretrained writes: 32 GB fp32 + 16 GB + 1 GiB.
+    assert export_memory(8 * 10**9, 16 * 10**9, 2) == 48 * 10**9 + gib
+    # ZeRO-3's model-states files are small: the export-dtype copy dominates.
+    assert export_memory(10**9, 10**6, 4) == 8 * 10**9 + gib
+    # A stage-0/fp32 checkpoint's model states hold the module and its fp32 copy: the file dominates.
+    assert export_memory(10**9, 9 * 10**9, 2) == 13 * 10**9 + gib
+
+
+def test_export_fetches_neither_rng_states_nor_deepspeeds_scripts():
+    from bigray.train.export import export_files
+
+    kept = ["bigray.json", "ds/mp_rank_00_model_states.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            "hf/config.json", "latest", "probe.pt", "tokenizer/tokenizer.json"]
+    assert export_files(sorted([*kept, "rng/rank_0.pt", "zero_to_fp32.py"])) == kept
