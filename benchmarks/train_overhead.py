@@ -30,7 +30,7 @@ PREPARE = ["data.inputs=['{stdlib}/json/*.py', '{stdlib}/email/*.py', '{stdlib}/
 def bare_worker(rank: int, world: int, overrides: list[str], rows: np.ndarray, warmup: int, out: str) -> None:
     import torch
 
-    from bigray.train.batches import micro_slice
+    from bigray.train.batches import micro_slice, rank_share
     from bigray.train.loop import lm_loss, setup_engine
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK=str(rank), WORLD_SIZE=str(world),
@@ -46,7 +46,8 @@ def bare_worker(rank: int, world: int, overrides: list[str], rows: np.ndarray, w
             start = time.perf_counter()
         batch = rows[(step * per_step) % (len(rows) - per_step):][:per_step]
         for m in range(t.grad_accum_steps):
-            loss = lm_loss(engine, micro_slice(batch, m, rank, world, t.micro_batch_size), torch.device("cpu"))
+            loss = lm_loss(engine, micro_slice(rank_share(batch, 0, rank, world, t.micro_batch_size), m,
+                                               t.micro_batch_size).tokens, torch.device("cpu"))
             engine.backward(loss)
             engine.step()
     elapsed = time.perf_counter() - start

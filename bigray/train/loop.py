@@ -25,7 +25,7 @@ from bigray.config import ModelConfig, TrainConfig
 from bigray.errors import BigrayError
 from bigray.runtime import quiet_ray_console
 from bigray.storage import Store
-from bigray.train.batches import global_batches, micro_slice, table_rows, train_batches
+from bigray.train.batches import Rows, global_batches, micro_slice, rank_share, table_rows, train_batches
 from bigray.train.metrics import MetricsLog, memory_gb, mfu, peak_flops
 from bigray.train.model import build_model, flops_per_token, model_config
 from bigray.train.zero import deepspeed_config, lr_at, param_groups, resolve_precision
@@ -77,7 +77,8 @@ def train_func(config: dict) -> None:
                     peak_flops(_device_name(device), t.peak_tflops))
     val = ValBatches(ray.train.get_dataset_shard("val"), t, world) if "val" in config["datasets"] else None
     batches = train_batches(ray.train.get_dataset_shard("train"), t.shuffle_window, t.seed, rows_per_step,
-                            manifest["splits"]["train"]["rows"] // rows_per_step, step, t.max_steps)
+                            manifest["splits"]["train"]["rows"] // rows_per_step, step, t.max_steps, rank, world,
+                            t.micro_batch_size)
 
     for step, epoch, batch in batches:
         window.add(train_step(engine, batch, run))
@@ -98,14 +99,15 @@ def train_func(config: dict) -> None:
         run.log.flush_tensorboard()
 
 
-def train_step(engine, batch: np.ndarray, run: RunContext):
-    """One optimizer step over a global batch: this rank's micro slices, accumulated inside DeepSpeed.
+def train_step(engine, rows: Rows, run: RunContext):
+    """One optimizer step over a global batch: this rank's `rows`, micro slice by micro slice, accumulated inside
+    DeepSpeed.
 
     Returns the sum of the micro steps' losses, a tensor (no device sync here).
     """
     t, total = run.train, 0.0
     for m in range(t.grad_accum_steps):
-        loss = lm_loss(engine, micro_slice(batch, m, run.rank, run.world, t.micro_batch_size), run.device, t.loss_impl)
+        loss = lm_loss(engine, micro_slice(rows, m, t.micro_batch_size).tokens, run.device, t.loss_impl)
         engine.backward(loss)
         engine.step()
         total += loss.detach()
@@ -247,13 +249,18 @@ class ValBatches:
 
     def __init__(self, iterator, t: TrainConfig, world: int):
         self.iterator, self.t, self.world = iterator, t, world
-        self.batches: list[np.ndarray] | None = None
+        self.batches: list[Rows] | None = None
 
-    def get(self) -> list[np.ndarray]:
+    def get(self) -> list[Rows]:
+        """This rank's Rows of each val batch."""
         if self.batches is None:
+            import ray.train
+
             tables = self.iterator.iter_batches(batch_size=self.t.shuffle_window, batch_format="pyarrow")
-            rows = global_batches(map(table_rows, tables), self.world * self.t.micro_batch_size)
-            self.batches = list(itertools.islice(rows, self.t.eval_batches))
+            per_batch, rank = self.world * self.t.micro_batch_size, ray.train.get_context().get_world_rank()
+            rows = global_batches(map(table_rows, tables), per_batch)
+            self.batches = [rank_share(b, k * per_batch, rank, self.world, self.t.micro_batch_size)
+                            for k, b in enumerate(itertools.islice(rows, self.t.eval_batches))]
         return self.batches
 
 
@@ -264,7 +271,7 @@ def maybe_evaluate(engine, val: ValBatches | None, step: int, run: RunContext) -
     return {"val_loss": evaluate(engine, val.get(), run)}
 
 
-def evaluate(engine, val_batches: list[np.ndarray], run: RunContext) -> float:
+def evaluate(engine, val_batches: list[Rows], run: RunContext) -> float:
     """Mean val loss over the cached val batches, all ranks together."""
     import torch
 
@@ -272,9 +279,8 @@ def evaluate(engine, val_batches: list[np.ndarray], run: RunContext) -> float:
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for batch in val_batches:
-            rows = micro_slice(batch, 0, run.rank, run.world, run.train.micro_batch_size)
-            loss = lm_loss(engine, rows, device, run.train.loss_impl)
+        for rows in val_batches:
+            loss = lm_loss(engine, rows.tokens, device, run.train.loss_impl)
             total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
     engine.train()
     torch.distributed.all_reduce(total)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bigray.train.batches import global_batches, micro_slice, shuffled_rows, train_batches
+from bigray.train.batches import Rows, global_batches, micro_slice, rank_share, shuffled_rows, train_batches
 
 
 def test_resume_skips_exactly_the_consumed_batches():
@@ -20,8 +20,20 @@ def test_resume_skips_exactly_the_consumed_batches():
 
 def test_micro_slices_partition_a_global_batch():
     batch = np.arange(2 * 3 * 4)[:, None]  # world 3, micro batch 2, 4 accumulation steps
-    seen = np.concatenate([micro_slice(batch, m, r, 3, 2) for m in range(4) for r in range(3)])
+    shares = [rank_share(batch, 100, r, 3, 2) for r in range(3)]
+    seen = np.concatenate([micro_slice(s, m, 2).tokens for m in range(4) for s in shares])
     np.testing.assert_array_equal(np.sort(seen[:, 0]), batch[:, 0])
+    np.testing.assert_array_equal(shares[1].row_ids, 100 + shares[1].tokens[:, 0])
+
+
+def test_rows_slice_keeps_the_columns_together():
+    tokens = np.arange(12).reshape(4, 3)
+    rows = Rows(tokens=tokens, loss_mask=(tokens % 2).astype(np.uint8), row_ids=np.arange(10, 14))
+    part = rows[1:3]
+    assert len(part) == 2 and part.segment_ids is None
+    np.testing.assert_array_equal(part.tokens, tokens[1:3])
+    np.testing.assert_array_equal(part.loss_mask, rows.loss_mask[1:3])
+    np.testing.assert_array_equal(part.row_ids, [11, 12])
 
 
 def test_window_shuffle_is_seeded_and_a_permutation():
@@ -55,11 +67,11 @@ def test_train_batches_cross_epochs_and_resume_mid_epoch_on_the_same_batches():
     steps_per_epoch = len(rows) // per_step  # 8: the last partial global batch of an epoch is dropped
     full = list(train_batches(split, 16, 0, per_step, steps_per_epoch, start_step=0, max_steps=20))
     assert [(step, epoch) for step, epoch, _ in full] == [(s, (s - 1) // 8) for s in range(1, 21)]
-    epoch0 = np.concatenate([b for _, e, b in full if e == 0])
+    epoch0 = np.concatenate([b.tokens for _, e, b in full if e == 0])
     assert len(np.unique(epoch0[:, 0])) == len(epoch0), "no row twice within an epoch"
-    assert not np.array_equal(full[0][2], full[8][2]), "each epoch has its own order"
+    assert not np.array_equal(full[0][2].tokens, full[8][2].tokens), "each epoch has its own order"
     for start in (5, 8, 13, 20):
         resumed = list(train_batches(split, 16, 0, per_step, steps_per_epoch, start_step=start, max_steps=20))
         assert [(s, e) for s, e, _ in resumed] == [(s, e) for s, e, _ in full[start:]]
         for (_, _, a), (_, _, b) in zip(resumed, full[start:]):
-            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a.tokens, b.tokens)
