@@ -1,18 +1,21 @@
 """A small continuous-batching generation engine over a Hugging Face causal LM with a KV cache.
 
-Every running sequence is one row of a single left-padded batch that shares one `DynamicCache`.
-Each engine step runs one decode forward over the running rows and one prefill chunk of the
-sequences being admitted: prompts are prefilled a chunk of columns per step (at most
-`prefill_chunk_tokens` padded tokens), so a long prompt never stalls the running streams, and join
-the batch once their whole prompt is in the cache. A sequence is admitted while the KV budget holds
-its worst case (prompt + max_tokens); the rest wait, up to `max_waiting` sequences, after which new
-requests are refused (`Overloaded`, HTTP 503). Rows carry their own attention-mask row and position
-ids, so a sequence's tokens do not depend on what else is in the batch, and their own
-`torch.Generator`, so a seeded request samples the same tokens whoever it shares the batch with.
+Every running sequence owns one slot (row) of a preallocated KV cache (`SlotCache`): its tokens sit in
+columns 0..n-1 of its row, each decode step writes every row's new column at that row's own length,
+and attention reads the first max(length) + 1 columns with a per-row mask. A sequence joining copies
+only its own prefilled keys and values into a free slot; one leaving frees its slot by moving the last
+row into the hole; neither copies the rest of the cache. Prompts are prefilled a chunk of columns per
+step in a small cache of their own (at most `prefill_chunk_tokens` padded tokens), so a long prompt
+never stalls the running streams. A sequence is admitted while the KV budget holds its worst case
+(prompt + max_tokens); the rest wait, up to `max_waiting` sequences, after which new requests are
+refused (`Overloaded`, HTTP 503). Rows carry their own positions and `torch.Generator`, so a
+sequence's tokens do not depend on what else is in the batch, and a seeded request samples the same
+tokens whoever it shares the batch with.
 
 A failed step fails only the newest work: a failed prefill chunk fails the sequences being prefilled;
-a failed decode rolls the cache back and fails the newest row. `health()` reports an engine loop that
-stopped, a step running longer than `step_timeout_s`, or `max_consecutive_failures` failed steps.
+a failed decode (its half-written column lies beyond every row's length, so nothing needs undoing)
+fails the newest row. `health()` reports an engine loop that stopped, a step running longer than
+`step_timeout_s`, or `max_consecutive_failures` failed steps.
 
 The model runs in a worker thread; the asyncio side only queues requests and hands out events.
 """
@@ -104,6 +107,7 @@ class _Seq:
         "cost",
         "arrived",
         "last_token_at",
+        "joined",
     )
 
     def __init__(self, index, prompt, params, generator, out, loop, decoder):
@@ -125,6 +129,7 @@ class _Seq:
         self.cost = len(prompt) + params.max_tokens  # KV tokens this sequence may come to hold
         self.arrived = time.monotonic()
         self.last_token_at: float | None = None
+        self.joined = 0  # order in which sequences joined the running batch (the newest fails first)
 
     def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, event))
@@ -213,14 +218,17 @@ class Engine:
         self.max_consecutive_failures = max_consecutive_failures
         self.metrics = metrics or EngineMetrics()
         self._pending: deque[_Seq] = deque()
-        self._rows: list[_Seq] = []
-        self._mask = self._cache = self._next = self._pos = None
+        self._rows: list[_Seq] = []  # row i of the batch is slot i of the KV cache
+        self._kv = None  # SlotCache, made at the first join
+        self._next = self._lens = None  # per row: the token to feed next, and the tokens already in its slot
+        self._joins = itertools.count(1)
         self._prefill: _Prefill | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._lock = threading.Lock()
         self._step_started: float | None = None
         self._failures = 0
+        self._step_failed = False
         self._last_error = ""
         self.stats = {
             "requests": 0,
@@ -356,6 +364,7 @@ class Engine:
         import torch
 
         self._step_started = time.monotonic()
+        self._step_failed = False
         ok, worked = True, False
         try:
             with torch.inference_mode():
@@ -372,8 +381,8 @@ class Engine:
                 self._drop_finished()
         finally:
             self._step_started = None
-        if worked:  # an idle turn of the loop proves nothing: it must not end a run of failures
-            self._failures = 0 if ok else self._failures + 1
+        if worked and ok:  # an idle turn of the loop proves nothing: it must not end a run of failures
+            self._failures = 0
         self.metrics.load(len(self._pending), len(self._rows), sum(len(s.prompt) + len(s.ids) for s in self._rows))
 
     def _guarded(self, work, on_error) -> bool:
@@ -385,6 +394,9 @@ class Engine:
             self.stats["failed_steps"] += 1
             self._last_error = f"{type(exc).__name__}: {exc}"
             self.metrics.error(type(exc).__name__)
+            if not self._step_failed:  # counted before on_error tells the client, so health() already knows
+                self._step_failed = True
+                self._failures += 1
             on_error(self._last_error)
             return False
 
@@ -430,54 +442,51 @@ class Engine:
         g.done = end
         if end < width:
             return
-        self._prefill = None
         tokens = self._sample(logits, g.seqs)
         self.stats["sequences"] += len(g.seqs)
         self.stats["prompt_tokens"] += sum(len(s.prompt) for s in g.seqs)
-        self._merge(g, tokens.view(-1, 1), g.pos[:, -1] + 1)
+        self._merge(g, tokens.view(-1, 1))
+        self._prefill = None  # only now: a failed join still fails this group (_fail_prefill), not a running row
 
-    def _merge(self, g: _Prefill, nxt, last) -> None:
+    def _merge(self, g: _Prefill, nxt) -> None:
+        """Copy each prefilled sequence's own columns (not its left padding) into the next free slot."""
         import torch
 
-        if not self._rows:
-            self._rows, self._mask, self._cache, self._next, self._pos = g.seqs, g.mask, g.cache, nxt, last
-            return
-        # Join the running batch: left-pad whichever cache is shorter (masked out), then stack rows.
-        width = max(self._mask.shape[1], g.mask.shape[1])
-        for mine, theirs in zip(self._cache.layers, g.cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(g.mask, width, dim=1)])
+        from bigray.serve.kv_cache import SlotCache
+
+        if self._kv is None:
+            self._kv = SlotCache(len(g.cache.layers), self.max_batch_size, self.context)
+        lengths = [len(s.prompt) for s in g.seqs]
+        self._kv.reserve(max(lengths) + 1, g.cache.layers[0].keys)
+        width = g.ids.shape[1]
+        for i, s in enumerate(g.seqs):
+            self._kv.put(len(self._rows) + i, g.cache, i, width - lengths[i])
+            s.joined = next(self._joins)
+        lens = torch.tensor(lengths, device=self.device)
+        if self._rows:
+            self._next, self._lens = torch.cat([self._next, nxt]), torch.cat([self._lens, lens])
+        else:
+            self._next, self._lens = nxt, lens
         self._rows = self._rows + g.seqs
-        self._next = torch.cat([self._next, nxt])
-        self._pos = torch.cat([self._pos, last])
 
     def _decode_step(self) -> None:
-        import torch
-
-        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        width = self._mask.shape[1]
-        try:
-            logits = self.model(
-                input_ids=self._next,
-                attention_mask=mask,
-                position_ids=self._pos.view(-1, 1),
-                past_key_values=self._cache,
-                use_cache=True,
-            ).logits[:, -1]
-            tokens = self._sample(logits, self._rows)
-        except Exception:
-            # Layers that already appended this step's column drop it again: the batch is as before the step.
-            for layer in self._cache.layers:
-                if layer.keys is not None and layer.keys.shape[2] > width:
-                    layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
-            raise
-        self._mask = mask
+        # Every row writes its new column at its own length: rows of any length share the step, no padding.
+        self._kv.reserve(int(self._lens.max()) + 1, self._kv.layers[0].keys)
+        mask = self._kv.prepare(self._lens)
+        logits = self.model(
+            input_ids=self._next,
+            attention_mask=mask,
+            position_ids=self._lens.view(-1, 1),
+            past_key_values=self._kv,
+            use_cache=True,
+        ).logits[:, -1]
+        # A failure above leaves this step's column written beyond each row's length: masked and overwritten later.
+        tokens = self._sample(logits, self._rows)
         self._next = tokens.view(-1, 1)
-        self._pos = self._pos + 1
+        self._lens = self._lens + 1
 
     def _fail_newest_row(self, message: str) -> None:
-        self._rows[-1].fail(message)
+        max(self._rows, key=lambda s: s.joined).fail(message)
 
     def _fail_prefill(self, message: str) -> None:
         for s in self._prefill.seqs:
@@ -490,26 +499,29 @@ class Engine:
         self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], batch)
 
     def _drop_finished(self) -> None:
-        keep = [i for i, s in enumerate(self._rows) if not (s.done or s.cancelled)]
-        if len(keep) == len(self._rows):
+        gone = [i for i, s in enumerate(self._rows) if s.done or s.cancelled]
+        if not gone:
             return
         # Rows whose client left before the sequence finished: evidence that a disconnect frees its slot.
-        self.stats["cancelled"] += sum(s.cancelled and not s.done for s in self._rows)
+        self.stats["cancelled"] += sum(self._rows[i].cancelled and not self._rows[i].done for i in gone)
+        keep = len(self._rows) - len(gone)
         if not keep:
-            self._rows, self._mask, self._cache, self._next, self._pos = [], None, None, None, None
+            self._rows, self._next, self._lens = [], None, None
             return
         import torch
 
-        idx = torch.tensor(keep, device=self.device)
-        mask = self._mask[idx]
-        # Columns now padding in every remaining row are dead weight in each later attention.
-        start = int((mask.sum(0) > 0).nonzero()[0])
-        self._cache.batch_select_indices(idx)
-        if start:
-            for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
-        self._rows = [self._rows[i] for i in keep]
-        self._mask, self._next, self._pos = mask[:, start:], self._next[idx], self._pos[idx]
+        # The rows beyond the new end that survive move into the holes below it: one row's copy each.
+        holes = [i for i in gone if i < keep]
+        dropped = set(gone)
+        movers = [i for i in range(keep, len(self._rows)) if i not in dropped]
+        order = list(range(keep))
+        for hole, mover in zip(holes, movers):
+            order[hole] = mover
+        if movers:
+            self._kv.move(movers, holes, int(self._lens[movers].max()))
+        idx = torch.tensor(order, device=self.device)
+        self._rows = [self._rows[i] for i in order]
+        self._next, self._lens = self._next[idx], self._lens[idx]
 
     def _sample(self, logits, seqs: list[_Seq]):
         """Pick every row's next token in one pass (each row's own params and generator), then emit the events."""
@@ -623,17 +635,6 @@ def sample(logits, params: list[SamplingParams], generators: list):
 def _deliver(events: list) -> None:
     for queue, item in events:
         queue.put_nowait(item)
-
-
-def _left_pad(t, width: int, dim: int = 2):
-    """Zero-pad `t` on the left of `dim` up to `width` (KV tensors: dim 2; masks: dim 1)."""
-    import torch.nn.functional as F
-
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    pad = [0, 0] * (t.dim() - dim - 1) + [missing, 0]
-    return F.pad(t, pad)
 
 
 def _as_list(value) -> list:
