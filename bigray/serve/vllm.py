@@ -32,6 +32,8 @@ def deployment_config(s: ServeConfig) -> dict:
         "max_ongoing_requests": s.max_ongoing_requests,
         "max_queued_requests": s.max_queued_requests,
         "logging_config": {"enable_access_log": s.access_log},
+        "health_check_period_s": s.health_check_period_s,
+        "health_check_timeout_s": s.health_check_timeout_s,
     }
     if s.autoscaling is not None:
         # A replica batches up to max_batch_size sequences: scaling out before its batch fills wastes replicas.

@@ -44,8 +44,9 @@ def test_app_builder_and_deploy_config_match_ray_schema(model_dir, monkeypatch):
     assert dep._deployment_config.max_ongoing_requests == 64
     assert dep._deployment_config.autoscaling_config.target_ongoing_requests == 4
     assert dep.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
-    fixed = app_builder({"model": model_dir, "num_replicas": 2})._bound_deployment
+    fixed = app_builder({"model": model_dir, "num_replicas": 2, "health_check_period_s": 2})._bound_deployment
     assert fixed._deployment_config.num_replicas == 2
+    assert fixed._deployment_config.health_check_period_s == 2  # how soon Serve sees a broken engine
     with pytest.raises(ConfigError, match="serve.num_replicas"):
         app_builder({"model": model_dir, "num_replicas": 0})
     with pytest.raises(ConfigError, match="min_replicas"):
