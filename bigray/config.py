@@ -273,6 +273,12 @@ class ServeConfig(Section):
     max_consecutive_failures: int = Field(
         3, ge=1, description="engine steps failing in a row before the health check fails"
     )
+    health_check_period_s: float = Field(
+        10.0, gt=0, description="how often Serve runs a replica's health check (3 failures in a row replace it)"
+    )
+    health_check_timeout_s: float = Field(
+        30.0, gt=0, description="a health check taking longer than this counts as failed"
+    )
     access_log: bool = Field(
         False, description="hf engine: Serve logs one access line per request (off: less work per request)"
     )
@@ -304,12 +310,6 @@ class ServeConfig(Section):
 
 class Config(Section):
     ray: RayConfig = Field(default_factory=RayConfig)
-    health_check_period_s: float = Field(
-        10.0, gt=0, description="how often Serve runs a replica's health check (3 failures in a row replace it)"
-    )
-    health_check_timeout_s: float = Field(
-        30.0, gt=0, description="a health check taking longer than this counts as failed"
-    )
     storage: StorageConfig = Field(default_factory=StorageConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
