@@ -100,6 +100,11 @@ class ModelConfig(Section):
         "tiny", description="Llama-architecture shape, random init"
     )
     pretrained: str | None = Field(None, description="local or s3:// HF model dir; overrides preset")
+    attention: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+        "auto",
+        description="attention kernel; auto: flash_attention_2 on CUDA in bf16/fp16 when flash-attn is installed "
+        "(packed documents padding-free, varlen), else sdpa (packed documents through a block-diagonal mask)",
+    )
 
 
 class TrainConfig(Section):

@@ -12,6 +12,13 @@
 - liger: liger-kernel's fused linear + cross-entropy (Triton, CUDA only): gradients are computed chunk by chunk
   in the forward pass, no recompute. Under ZeRO-3 the weight is gathered with `deepspeed.zero.GatheredParameters`
   for that forward, the only time liger reads it.
+
+Every implementation sums the cross-entropy over the labels that are not IGNORE_INDEX and divides by a
+`normalizer` (default: their count, i.e. the mean). SFT rows bring a `loss_mask` (1 where a token is a
+training target) and `segment_ids` (the document each token belongs to, for packed rows): `shift_rows` turns
+them into labels (IGNORE_INDEX on non-targets and on a first token predicted from another document) and
+per-document `position_ids`, from which transformers builds a block-diagonal causal mask (SDPA, eager) or
+varlen cu_seqlens (flash-attention, on one flattened row), so attention never crosses a document.
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+from dataclasses import dataclass
+
+import numpy as np
 
 from bigray.errors import ConfigError
 
@@ -55,38 +65,102 @@ def resolve_loss_impl(requested: str, device_type: str, zero_stage: int) -> str:
     return requested
 
 
-def lm_loss(model, input_ids, labels, impl: str):
-    """Mean cross-entropy of `model` predicting `labels` (B, S; IGNORE_INDEX skipped) from `input_ids` (B, S).
+@dataclass(frozen=True)
+class ShiftedRows:
+    """A model's inputs and labels from rows of seq_len + 1 token ids (numpy, int64, (B, seq_len) each)."""
 
-    `model`: an HF causal LM or a DeepSpeed engine around one; `impl`: a resolved implementation (IMPLS).
+    input_ids: np.ndarray
+    labels: np.ndarray  # IGNORE_INDEX where a position predicts nothing
+    position_ids: np.ndarray | None  # per-document positions for packed rows; None: 0..seq_len-1 in every row
+
+
+def target_mask(tokens: np.ndarray, loss_mask: np.ndarray | None, segment_ids: np.ndarray | None) -> np.ndarray:
+    """(B, S) bool: which next-token predictions count, for rows `tokens` (B, S + 1).
+
+    Position j predicts token j + 1: it counts when `loss_mask[j + 1]` is 1 (the target token is a training target)
+    and token j + 1 belongs to the same document as token j (no prediction across a packed document boundary).
+    """
+    keep = np.ones((tokens.shape[0], tokens.shape[1] - 1), dtype=bool)
+    if loss_mask is not None:
+        keep &= loss_mask[:, 1:] != 0
+    if segment_ids is not None:
+        keep &= segment_ids[:, 1:] == segment_ids[:, :-1]
+    return keep
+
+
+def count_targets(tokens: np.ndarray, loss_mask: np.ndarray | None, segment_ids: np.ndarray | None) -> int:
+    """How many labels of rows `tokens` (B, S + 1) count (`target_mask`): B * S for rows without masks."""
+    if loss_mask is None and segment_ids is None:
+        return tokens.shape[0] * (tokens.shape[1] - 1)
+    return int(target_mask(tokens, loss_mask, segment_ids).sum())
+
+
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 at every change of segment id along each row (B, S)."""
+    index = np.broadcast_to(np.arange(segment_ids.shape[1]), segment_ids.shape)
+    starts = np.ones(segment_ids.shape, dtype=bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return index - np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+
+
+def shift_rows(tokens: np.ndarray, loss_mask: np.ndarray | None = None,
+               segment_ids: np.ndarray | None = None) -> ShiftedRows:
+    """Inputs tokens[:, :-1], labels tokens[:, 1:] masked by `target_mask`, positions from the input's segments."""
+    tokens = tokens.astype(np.int64, copy=False)
+    labels = tokens[:, 1:].copy()
+    if loss_mask is not None or segment_ids is not None:
+        labels[~target_mask(tokens, loss_mask, segment_ids)] = IGNORE_INDEX
+    positions = None if segment_ids is None else segment_positions(segment_ids[:, :-1])
+    return ShiftedRows(np.ascontiguousarray(tokens[:, :-1]), labels, positions)
+
+
+def lm_loss(model, input_ids, labels, impl: str, position_ids=None, normalizer=None):
+    """Cross-entropy of `model` predicting `labels` (B, S; IGNORE_INDEX skipped) from `input_ids` (B, S): the sum over
+    counted labels divided by `normalizer` (a number or 0-d tensor; None: the count, i.e. the mean).
+
+    `model`: an HF causal LM or a DeepSpeed engine around one; `impl`: a resolved implementation (IMPLS);
+    `position_ids` (B, S): per-document positions of packed rows (transformers then masks attention per document).
     """
     import torch.nn.functional as F
 
+    labels = labels.flatten()
+    if normalizer is None:
+        normalizer = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    # No KV cache: training never reads one, and with a cache transformers skips the packed-documents mask.
+    kwargs = {"use_cache": False}
+    if position_ids is not None:
+        if _base_model(model).config._attn_implementation.startswith("flash_attention"):
+            # transformers' flash-attention reads packed documents (varlen cu_seqlens from positions restarting at
+            # 0) only in a batch of one row: padding-free, every row's documents in one sequence.
+            input_ids, position_ids = input_ids.reshape(1, -1), position_ids.reshape(1, -1)
+        kwargs["position_ids"] = position_ids
     if impl == "plain":
-        logits = model(input_ids=input_ids).logits
-        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    hidden = final_hidden_states(model, input_ids).flatten(0, 1)
+        logits = model(input_ids=input_ids, **kwargs).logits
+        total = F.cross_entropy(logits.float().flatten(0, 1), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / normalizer
+    hidden = final_hidden_states(model, input_ids, **kwargs).flatten(0, 1)
     lm_head = _hf_model(model).get_output_embeddings()
     if impl == "chunked":
-        return chunked_cross_entropy(lm_head, hidden, labels.flatten())
+        return chunked_cross_entropy(lm_head, hidden, labels, normalizer=normalizer)
     if impl == "liger":
-        return _liger_cross_entropy(lm_head, hidden, labels.flatten())
+        return _liger_summed_cross_entropy(lm_head, hidden, labels) / normalizer
     raise ValueError(f"unknown loss impl {impl!r}; resolve it with resolve_loss_impl first")
 
 
-def final_hidden_states(model, input_ids):
+def final_hidden_states(model, input_ids, **kwargs):
     """The decoder's last hidden states (after the final norm), without computing any logits.
 
     Goes through the model's (or engine's) own forward, so DeepSpeed's hooks, compile and activation checkpointing
-    apply as for plain; `logits_to_keep` with no positions makes HF skip the `lm_head` matmul.
+    apply as for plain; `logits_to_keep` with no positions makes HF skip the `lm_head` matmul. `kwargs` go to the
+    forward as they are (position_ids).
     """
     import torch
 
-    model_class = type(_hf_model(model))
+    model_class = type(_base_model(model))
     if not _takes_logits_to_keep(model_class):
         raise ConfigError(f"{model_class.__name__} has no logits_to_keep argument; use train.loss_impl=plain")
     no_positions = torch.empty(0, dtype=torch.long, device=input_ids.device)
-    out = model(input_ids=input_ids, logits_to_keep=no_positions, output_hidden_states=True)
+    out = model(input_ids=input_ids, logits_to_keep=no_positions, output_hidden_states=True, **kwargs)
     return out.hidden_states[-1]
 
 
@@ -96,8 +170,9 @@ def chunk_tokens(n_tokens: int, vocab_size: int, hidden_size: int) -> int:
     return max(1, math.ceil(n_tokens / n_chunks))
 
 
-def chunked_cross_entropy(lm_head, hidden, labels, tokens_per_chunk: int | None = None):
-    """Mean cross-entropy of `lm_head(hidden)` (N, H) against `labels` (N,), one chunk's logits at a time."""
+def chunked_cross_entropy(lm_head, hidden, labels, tokens_per_chunk: int | None = None, normalizer=None):
+    """Cross-entropy of `lm_head(hidden)` (N, H) against `labels` (N,), one chunk's logits at a time: summed, divided
+    by `normalizer` (None: the count of labels that are not IGNORE_INDEX, i.e. the mean)."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
@@ -106,7 +181,7 @@ def chunked_cross_entropy(lm_head, hidden, labels, tokens_per_chunk: int | None 
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for h, y in zip(hidden.split(chunk), labels.split(chunk)):
         total = total + checkpoint(_summed_cross_entropy, lm_head, h, y, use_reentrant=False)
-    return total / (labels != IGNORE_INDEX).sum()
+    return total / ((labels != IGNORE_INDEX).sum().clamp(min=1) if normalizer is None else normalizer)
 
 
 def _summed_cross_entropy(lm_head, hidden, labels):
@@ -115,7 +190,7 @@ def _summed_cross_entropy(lm_head, hidden, labels):
     return F.cross_entropy(lm_head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _liger_cross_entropy(lm_head, hidden, labels):
+def _liger_summed_cross_entropy(lm_head, hidden, labels):
     import contextlib
 
     import torch
@@ -130,12 +205,18 @@ def _liger_cross_entropy(lm_head, hidden, labels):
     with gather:
         # fp32 accumulation of the weight gradient across liger's chunks, as DeepSpeed accumulates ours (zero.py).
         return liger_fused_linear_cross_entropy(hidden, weight, labels, lm_head.bias, ignore_index=IGNORE_INDEX,
-                                                accum_dtype=torch.float32)
+                                                reduction="sum", accum_dtype=torch.float32)
 
 
 def _hf_model(model):
     """The HF model inside a DeepSpeed engine (or the model itself)."""
     return getattr(model, "module", model)
+
+
+def _base_model(model):
+    """The transformers model itself: inside a DeepSpeed engine and a peft wrapper, if any."""
+    model = _hf_model(model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 @functools.cache

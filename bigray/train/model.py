@@ -49,13 +49,27 @@ def pretrained_vocab(model: ModelConfig, store: Store) -> int | None:
     return json.loads(store.read_bytes(path))["vocab_size"]
 
 
-def build_model(hf_config, pretrained_dir: str | None = None, dtype=None):
+def resolve_attention(requested: str, on_gpu: bool, precision: str) -> str:
+    """The attention implementation `model.attention` runs as: auto is flash_attention_2 where it can run (CUDA,
+    bf16/fp16, flash-attn installed), else sdpa. Both keep packed documents apart (bigray/train/loss.py)."""
+    from transformers.utils import is_flash_attn_2_available
+
+    flash_ok = on_gpu and precision in ("bf16", "fp16") and is_flash_attn_2_available()
+    if requested == "auto":
+        return "flash_attention_2" if flash_ok else "sdpa"
+    if requested == "flash_attention_2" and not flash_ok:
+        raise ConfigError("model.attention=flash_attention_2 needs a CUDA device, precision bf16 or fp16 and the "
+                          "flash-attn package (pip install flash-attn); use model.attention=sdpa or auto")
+    return requested
+
+
+def build_model(hf_config, pretrained_dir: str | None = None, dtype=None, attn_implementation: str = "sdpa"):
     """Instantiate on this rank. Under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive, so
     transformers builds (and loads) inside deepspeed.zero.Init and no rank holds all parameters."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(attn_implementation="sdpa", dtype=dtype or torch.float32)
+    kwargs = dict(attn_implementation=attn_implementation, dtype=dtype or torch.float32)
     if pretrained_dir:
         return AutoModelForCausalLM.from_pretrained(pretrained_dir, config=hf_config, local_files_only=True,
                                                     use_safetensors=True, **kwargs)

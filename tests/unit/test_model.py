@@ -24,3 +24,16 @@ def test_presets_have_public_shapes():
     assert shape == (2048, 16, 8, 8192)
     tiny = AutoModelForCausalLM.from_config(model_config(ModelConfig(preset="tiny"), 8192, 256, 0))
     assert 0.5e6 < sum(p.numel() for p in tiny.parameters()) < 1.5e6
+
+
+def test_resolve_attention():
+    import pytest
+
+    from bigray.errors import ConfigError
+    from bigray.train.model import resolve_attention
+
+    assert resolve_attention("auto", on_gpu=False, precision="bf16") == "sdpa"
+    assert resolve_attention("auto", on_gpu=True, precision="fp32") == "sdpa"  # flash-attention has no fp32 kernels
+    assert resolve_attention("eager", on_gpu=False, precision="fp32") == "eager"
+    with pytest.raises(ConfigError, match="model.attention=flash_attention_2 needs a CUDA device"):
+        resolve_attention("flash_attention_2", on_gpu=False, precision="bf16")
