@@ -27,7 +27,7 @@ from bigray.runtime import quiet_ray_console
 from bigray.storage import Store
 from bigray.train.batches import Rows, global_batches, micro_slice, rank_share, table_rows, train_batches
 from bigray.train.metrics import MetricsLog, memory_gb, mfu, peak_flops
-from bigray.train.model import build_model, flops_per_token, model_config
+from bigray.train.model import build_model, flops_per_token, model_config, resolve_attention
 from bigray.train.zero import deepspeed_config, lr_at, param_groups, resolve_precision
 
 CKPT_TAG = "ds"
@@ -106,12 +106,34 @@ def train_step(engine, rows: Rows, run: RunContext):
     Returns the sum of the micro steps' losses, a tensor (no device sync here).
     """
     t, total = run.train, 0.0
+    normalizer = loss_normalizer(rows, run)
     for m in range(t.grad_accum_steps):
-        loss = lm_loss(engine, micro_slice(rows, m, t.micro_batch_size).tokens, run.device, t.loss_impl)
+        loss = lm_loss(engine, micro_slice(rows, m, t.micro_batch_size), run.device, t.loss_impl, normalizer)
         engine.backward(loss)
         engine.step()
         total += loss.detach()
     return total
+
+
+def loss_normalizer(rows: Rows, run: RunContext):
+    """What each micro step's summed loss is divided by: the global batch's counted labels / (world * grad_accum).
+
+    DeepSpeed divides each micro step's loss by grad_accum and averages gradients over ranks, so the step's
+    gradient (and the logged loss) is then the token-weighted mean over every counted label of the global batch:
+    a micro batch with few answer tokens weighs as little as its tokens, where a mean of per-micro means would
+    weigh it as much as any other (and over-weigh the tokens of short answers). Rows without loss masks count every
+    label, micro_batch * seq_len: no communication. Collective otherwise (one all-reduce of a count).
+    """
+    import torch
+
+    from bigray.train.loss import count_targets
+
+    t = run.train
+    if rows.loss_mask is None and rows.segment_ids is None:
+        return t.micro_batch_size * (rows.tokens.shape[1] - 1)
+    count = torch.tensor(count_targets(rows.tokens, rows.loss_mask, rows.segment_ids), device=run.device)
+    torch.distributed.all_reduce(count)
+    return count.clamp(min=1).float() / (run.world * t.grad_accum_steps)
 
 
 def eval_due(step: int, t: TrainConfig) -> bool:
@@ -183,7 +205,8 @@ def setup_engine(t: TrainConfig, model: ModelConfig, store: Store, vocab_size: i
 
         # Must stay alive while the model is built: transformers then builds inside deepspeed.zero.Init.
         ds_hint = HfDeepSpeedConfig(ds_cfg)  # noqa: F841
-    module = build_model(hf_cfg, pretrained_dir)
+    module = build_model(hf_cfg, pretrained_dir, attn_implementation=resolve_attention(model.attention, on_gpu,
+                                                                                      precision))
     if t.activation_checkpointing:
         apply_activation_checkpointing(module)
     optimizer = build_optimizer(module, t, on_gpu)
@@ -232,15 +255,20 @@ def build_lr_scheduler(optimizer, t: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, t) / t.lr)
 
 
-def lm_loss(engine, rows: np.ndarray, device, loss_impl: str = "auto"):
-    """Next-token cross-entropy: inputs rows[:, :-1], labels rows[:, 1:], computed as train.loss_impl says."""
+def lm_loss(engine, rows: Rows, device, loss_impl: str = "auto", normalizer=None):
+    """Next-token cross-entropy of `rows`, computed as train.loss_impl says: inputs tokens[:, :-1], labels
+    tokens[:, 1:] masked where the loss mask or a document boundary says (loss.shift_rows), per-document positions
+    for packed rows. The sum over counted labels / `normalizer` (None: their mean)."""
     import torch
 
     from bigray.train import loss as losses
 
-    tokens = torch.from_numpy(rows.astype(np.int64)).to(device, non_blocking=True)
+    shifted = losses.shift_rows(rows.tokens, rows.loss_mask, rows.segment_ids)
     impl = losses.resolve_loss_impl(loss_impl, device.type, engine.zero_optimization_stage())
-    return losses.lm_loss(engine, tokens[:, :-1], tokens[:, 1:], impl)
+    positions = None if shifted.position_ids is None else torch.from_numpy(shifted.position_ids).to(device)
+    return losses.lm_loss(engine, torch.from_numpy(shifted.input_ids).to(device, non_blocking=True),
+                          torch.from_numpy(shifted.labels).to(device, non_blocking=True), impl,
+                          position_ids=positions, normalizer=normalizer)
 
 
 class ValBatches:
@@ -272,16 +300,19 @@ def maybe_evaluate(engine, val: ValBatches | None, step: int, run: RunContext) -
 
 
 def evaluate(engine, val_batches: list[Rows], run: RunContext) -> float:
-    """Mean val loss over the cached val batches, all ranks together."""
+    """Mean val loss over the counted labels of the cached val batches, all ranks together (token-weighted)."""
     import torch
+
+    from bigray.train.loss import count_targets
 
     device = run.device
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad():
         for rows in val_batches:
-            loss = lm_loss(engine, rows.tokens, device, run.train.loss_impl)
-            total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
+            summed = lm_loss(engine, rows, device, run.train.loss_impl, normalizer=1.0)
+            count = count_targets(rows.tokens, rows.loss_mask, rows.segment_ids)
+            total += torch.stack([summed.double(), torch.tensor(count, dtype=torch.float64, device=device)])
     engine.train()
     torch.distributed.all_reduce(total)
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
