@@ -47,7 +47,7 @@ def bare_worker(rank: int, world: int, overrides: list[str], rows: np.ndarray, w
         batch = rows[(step * per_step) % (len(rows) - per_step):][:per_step]
         for m in range(t.grad_accum_steps):
             loss = lm_loss(engine, micro_slice(rank_share(batch, 0, rank, world, t.micro_batch_size), m,
-                                               t.micro_batch_size).tokens, torch.device("cpu"))
+                                               t.micro_batch_size), torch.device("cpu"))
             engine.backward(loss)
             engine.step()
     elapsed = time.perf_counter() - start
