@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import threading
 import time
@@ -32,6 +33,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from bigray.serve.metrics import EngineMetrics
+
+log = logging.getLogger("bigray.serve")
 
 
 @dataclass(frozen=True)
@@ -223,8 +226,9 @@ class Engine:
         self._next = self._lens = None  # per row: the token to feed next, and the tokens already in its slot
         self._joins = itertools.count(1)
         self._prefill: _Prefill | None = None
-        self._wakeup: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._wakeup = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopped: BaseException | None = None  # what ended the engine thread
         self._lock = threading.Lock()
         self._step_started: float | None = None
         self._failures = 0
@@ -258,8 +262,8 @@ class Engine:
 
     def health(self) -> str | None:
         """Why this engine cannot serve (Serve should replace the replica), or None when it is healthy."""
-        if self._task is not None and self._task.done():
-            exc = None if self._task.cancelled() else self._task.exception()
+        if self._stopped is not None or self._thread is not None and not self._thread.is_alive():
+            exc = self._stopped
             return f"the engine loop stopped ({type(exc).__name__}: {exc})" if exc else "the engine loop stopped"
         started = self._step_started
         if started is not None and time.monotonic() - started > self.step_timeout_s:
@@ -297,6 +301,8 @@ class Engine:
                 "(serve.kv_token_budget)"
             )
         with self._lock:
+            if self._stopped is not None:  # the engine thread died after the check above
+                raise Unhealthy(self.health())
             if sum(not s.cancelled for s in self._pending) + len(seqs) > self.max_waiting:
                 self.stats["overloaded"] += 1
                 raise Overloaded(
@@ -341,21 +347,38 @@ class Engine:
         return _OffsetDecoder(self._decode)
 
     def _ensure_loop(self) -> None:
-        if self._task is None or self._task.get_loop() is not asyncio.get_running_loop():
-            self._wakeup = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        elif self._task.done():
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="bigray-engine", daemon=True)
+            self._thread.start()
+        elif not self._thread.is_alive():
             # A stopped loop is not restarted: health() reports it and Serve replaces the replica.
             raise Unhealthy(self.health() or "the engine loop stopped")
 
-    async def _run(self) -> None:
-        while True:
-            if not self._rows and not self._pending and self._prefill is None:
+    def _run(self) -> None:
+        """The engine thread: steps back to back while there is work, sleeps on an Event when there is none.
+
+        NOTE: one thread for the engine's life, not an `asyncio.to_thread` hop per step: each hop was two cross-thread
+        wake-ups of the event loop (submit, result) per generated token, and in a Serve replica that loop's thread
+        competes for the GIL with the replica's own threads. Tokens reach the loop once per step (`_deliver`).
+        """
+        try:
+            while True:
                 self._wakeup.clear()
-                await self._wakeup.wait()
-                if self.batch_wait_timeout_s > 0 and self.max_batch_size > 1:
-                    await asyncio.sleep(self.batch_wait_timeout_s)  # let concurrent arrivals join the first batch
-            await asyncio.to_thread(self.step)
+                if not self._rows and not self._pending and self._prefill is None:
+                    self._wakeup.wait()
+                    if self.batch_wait_timeout_s > 0 and self.max_batch_size > 1:
+                        time.sleep(self.batch_wait_timeout_s)  # let concurrent arrivals join the first batch
+                self.step()
+        except BaseException as exc:
+            self._stopped = exc
+            # Nothing will answer these now: their clients hear it at once rather than at their timeout.
+            with self._lock:
+                stranded = [*self._rows, *(self._prefill.seqs if self._prefill else []), *self._pending]
+                self._pending.clear()
+            for s in stranded:
+                if not s.done:
+                    s.fail(f"the engine loop stopped ({type(exc).__name__}: {exc})")
+            log.error("the engine loop stopped; health checks fail from now on", exc_info=exc)
 
     # ---- model side (worker thread) -----------------------------------------------------------------------
 

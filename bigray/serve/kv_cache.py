@@ -99,7 +99,12 @@ class SlotCache(Cache):
         self.width = int(lengths.max()) + 1
         self.rows_index = torch.arange(n, device=lengths.device)
         self.write_at = lengths
-        return (torch.arange(self.width, device=lengths.device)[None] <= lengths[:, None])[:, None, None, :]
+        beyond = torch.arange(self.width, device=lengths.device)[None] > lengths[:, None]
+        keys = self.layers[0].keys
+        # NOTE: an additive float mask, not a boolean one: with a boolean mask over these strided views, CPU SDPA
+        # falls back to a path 12x slower (934 vs 74 us per layer at 32 rows x 50 columns, torch 2.13).
+        mask = torch.zeros(beyond.shape, dtype=keys.dtype, device=keys.device)
+        return mask.masked_fill_(beyond, torch.finfo(keys.dtype).min)[:, None, None, :]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return max(self.width - 1, 0)

@@ -96,12 +96,17 @@ def test_check_health_raises_when_the_engine_loop_died(server):
         server.check_health()  # healthy: returns
         async for _ in server.engine.generate([(server.engine.encode("x"), _greedy())]):
             pass
-        server.engine._task.cancel()
-        await asyncio.sleep(0)
+        server.engine.step = _crash  # a bug outside the guarded forward: the engine thread dies
+        async for _ in server.engine.generate([(server.engine.encode("x"), _greedy())]):
+            pass
         with pytest.raises(RuntimeError, match="engine loop stopped"):
             server.check_health()
 
     asyncio.run(run())
+
+
+def _crash():
+    raise RuntimeError("engine bug (injected)")
 
 
 def _greedy():
