@@ -44,7 +44,8 @@ def _export(cfg: Config, args) -> None:
     from bigray.train.export import export_in_task
 
     init_ray(cfg.ray)  # the consolidation runs as a Ray task on a node with the memory it needs
-    display.export_line(export_in_task(args.run_dir, args.out_dir, Store(cfg.storage), checkpoint=args.checkpoint))
+    display.export_line(export_in_task(args.run_dir, args.out_dir, Store(cfg.storage), checkpoint=args.checkpoint,
+                                       adapter_only=args.adapter_only))
 
 
 def _plan(cfg: Config, args) -> None:
@@ -145,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("run_dir", help="a run dir (train.storage_path/run_name), local or s3://")
     exp.add_argument("out_dir", help="where to write the HF model dir")
     exp.add_argument("--checkpoint", help="a specific checkpoint dir (default: the latest step)")
+    exp.add_argument(
+        "--adapter-only", action="store_true", help="LoRA runs: write the peft adapter dir instead of the merged model"
+    )
     exp.set_defaults(func=_export)
     plan = sub.add_parser(
         "plan", parents=[common], help="GPU memory per worker, whether it fits, the largest batch that does"

@@ -107,6 +107,29 @@ class ModelConfig(Section):
     )
 
 
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="rank of each adapter's A (r x in) and B (out x r) matrices")
+    alpha: float = Field(16.0, gt=0, description="scaling: the adapter's update is multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input while training")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description='module names (suffixes, as peft matches them) that get an adapter, e.g. [q_proj, v_proj]; '
+        '"all-linear": every linear layer except the output head',
+    )
+    export: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="what the export at the end of a run writes: the merged HF model, or the peft adapter dir "
+        "(served on its base, model.pretrained)",
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError('name at least one module, or "all-linear"')
+        return value
+
+
 class TrainConfig(Section):
     data: str | None = Field(None, description="manifest URI (dir or manifest.json); null: data.output")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each)")
@@ -165,6 +188,10 @@ class TrainConfig(Section):
         None, gt=0, description="device dense peak for MFU; null: from the table by device name"
     )
     export: bool = Field(True, description="consolidate the final checkpoint into <run>/export/ (HF dir)")
+    lora: LoraConfig | None = Field(
+        None,
+        description="LoRA adapters (peft) on model.pretrained, the only weights that train; null: full fine-tuning",
+    )
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="raw DeepSpeed config merged last")
 
     @model_validator(mode="after")

@@ -25,7 +25,7 @@ from ray import serve
 
 from bigray.config import ServeConfig
 from bigray.errors import ConfigError
-from bigray.serve.engine import Engine, Overloaded, SamplingParams, Unhealthy, request_id
+from bigray.serve.engine import Engine, Overloaded, SamplingParams, Unhealthy, adapter_base, request_id
 from bigray.serve.metrics import ServeMetrics
 from bigray.storage import Store
 
@@ -197,8 +197,11 @@ class OpenAIServer:
         self.name = model_name(s)
         self.metrics = ServeMetrics(self.name)
         device = "cuda" if s.num_gpus > 0 else "cpu"
+        model_dir = store.local_dir(s.model)
+        base = adapter_base(model_dir)  # a LoRA adapter dir: its base (local or s3://), the adapter merged at load
         self.engine = Engine(
-            store.local_dir(s.model),
+            model_dir,
+            base_model_dir=store.local_dir(base) if base else None,
             max_batch_size=s.max_batch_size,
             batch_wait_timeout_s=s.batch_wait_timeout_s,
             device=device,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import threading
@@ -163,7 +164,10 @@ class _Prefill:
 
 
 class Engine:
-    """Load an HF model dir (safetensors only) and generate for many concurrent requests in one batch."""
+    """Load an HF model dir (safetensors only) and generate for many concurrent requests in one batch.
+
+    A peft adapter dir is served on its base (`base_model_dir`, else the local path adapter_config.json names).
+    """
 
     def __init__(
         self,
@@ -180,25 +184,23 @@ class Engine:
         step_timeout_s: float = 120.0,
         max_consecutive_failures: int = 3,
         metrics: EngineMetrics | None = None,
+        base_model_dir: str | None = None,
     ):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
-        # use_safetensors=True: a dir holding only pickled .bin weights is refused rather than unpickled.
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir,
-            local_files_only=True,
-            use_safetensors=True,
-            dtype=getattr(torch, dtype),
-            attn_implementation="sdpa",
-        )
+        base_model_dir = base_model_dir or adapter_base(model_dir)  # a peft adapter dir: its base, if local
+        self.model = load_model(model_dir, getattr(torch, dtype), base_model_dir)
         self.model.to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        has_tokenizer = os.path.exists(os.path.join(model_dir, "tokenizer_config.json"))
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            model_dir if has_tokenizer or not base_model_dir else base_model_dir, local_files_only=True
+        )
         cfg = self.model.config
         self.context = int(getattr(cfg, "max_position_embeddings", 0) or self.tokenizer.model_max_length)
         eos = {
@@ -626,6 +628,33 @@ class _StreamStep:
 
     def step(self, token: int) -> str | None:
         return self.stream.step(self.tokenizer, token)
+
+
+def adapter_base(model_dir: str) -> str | None:
+    """The base model a peft adapter dir names (adapter_config.json's base_model_name_or_path); None for a model dir."""
+    path = os.path.join(model_dir, "adapter_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{model_dir}: adapter_config.json names no base_model_name_or_path")
+    return base
+
+
+def load_model(model_dir: str, dtype, base_model_dir: str | None = None):
+    """`model_dir`'s causal LM; with `base_model_dir` (a peft adapter dir's base, local) the adapter is merged into
+    the base at load, so serving it costs what the merged model costs: no LoRA matmuls per token."""
+    from transformers import AutoModelForCausalLM
+
+    # use_safetensors=True: a dir holding only pickled .bin weights is refused rather than unpickled.
+    load = dict(local_files_only=True, use_safetensors=True, dtype=dtype, attn_implementation="sdpa")
+    if base_model_dir is None:
+        return AutoModelForCausalLM.from_pretrained(model_dir, **load)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(base_model_dir, **load)
+    return PeftModel.from_pretrained(base, model_dir, is_trainable=False).merge_and_unload()
 
 
 def sample(logits, params: list[SamplingParams], generators: list):

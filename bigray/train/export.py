@@ -13,6 +13,7 @@ import pyarrow.fs as pafs
 
 from bigray.errors import BigrayError, DataError
 from bigray.storage import Store, join
+from bigray.train import lora
 
 # Max |logit difference| allowed between the exported model (fp32) and the engine that wrote the
 # checkpoint: fp32 engines differ only by kernel order; bf16/fp16 engines round activations to
@@ -31,6 +32,8 @@ class ExportResult:
     step: int
     probe_max_abs_diff: float
     dtype: str
+    adapter_only: bool = False  # out_dir is a peft adapter dir (LoRA run, --adapter-only), served on its base
+    merge_max_abs_diff: float | None = None  # LoRA merged export: max |logit diff| merged vs adapter model (probe)
 
 
 def checkpoint_uri(run_dir: str, checkpoint) -> str:
@@ -101,9 +104,14 @@ def export_files(rel_paths: list[str]) -> list[str]:
     return [p for p in rel_paths if not p.startswith(("rng/", "zero_to_")) and "/zero_to_" not in p]
 
 
-def export(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = None) -> ExportResult:
+def export(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = None,
+           adapter_only: bool = False) -> ExportResult:
     """Write `out_dir` (config.json, model.safetensors, tokenizer, generation config) from the run's latest
     committed checkpoint, or from `checkpoint`; fails if the exported model's logits differ from the engine's.
+
+    A LoRA run's checkpoint holds the adapters only: they are loaded on their base (model.pretrained) and merged
+    into it (checked: the merged model's logits equal the adapter model's), or with `adapter_only` written as
+    peft's adapter dir (adapter_config.json naming the base, adapter_model.safetensors) plus the tokenizer.
 
     Runs where it is called and holds the whole model: `export_in_task` runs it on a node that has the memory.
     """
@@ -122,19 +130,26 @@ def export(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = No
         with open(os.path.join(local, "bigray.json")) as f:
             meta = json.load(f)
         hf_cfg = AutoConfig.from_pretrained(os.path.join(local, "hf"), local_files_only=True)
-        # Parameters on the meta device, then the consolidated tensors assigned in place: one copy of the weights.
-        # Buffers stay real: non-persistent ones (rotary frequencies) are not in the checkpoint.
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="sdpa")
-        state = consolidated_state_dict(local, meta)
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        del state
-        tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
-        if set(missing) - tied or unexpected:
-            raise BigrayError(f"{ckpt_uri}: checkpoint does not fit the model config "
-                              f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
-        model.tie_weights()
-        model.eval()
+        adapter = lora.checkpoint_adapter(local)  # a LoRA run's peft config, None for full fine-tuning
+        if adapter_only and adapter is None:
+            raise BigrayError(f"{ckpt_uri}: --adapter-only needs a LoRA run's checkpoint; this run trained every "
+                              "weight (train.lora was null)")
+        if adapter is not None:
+            model = lora.adapter_model(adapter, consolidated_state_dict(local, meta), store, ckpt_uri)
+        else:
+            # Parameters on the meta device, then the consolidated tensors assigned in place: one copy of the
+            # weights. Buffers stay real: non-persistent ones (rotary frequencies) are not in the checkpoint.
+            with init_empty_weights(include_buffers=False):
+                model = AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32, attn_implementation="sdpa")
+            state = consolidated_state_dict(local, meta)
+            missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+            del state
+            tied = {"lm_head.weight"} if getattr(hf_cfg, "tie_word_embeddings", False) else set()
+            if set(missing) - tied or unexpected:
+                raise BigrayError(f"{ckpt_uri}: checkpoint does not fit the model config "
+                                  f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {unexpected[:5]})")
+            model.tie_weights()
+            model.eval()
 
         probe = torch.load(os.path.join(local, "probe.pt"), weights_only=True)
         with torch.no_grad():
@@ -144,16 +159,23 @@ def export(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = No
         if diff > tolerance:
             raise BigrayError(f"{ckpt_uri}: exported logits differ from the engine's by {diff:.3g} > {tolerance} "
                               f"({meta['precision']}); export is wrong")
+        merge_diff = None
+        if adapter is not None and not adapter_only:
+            model, merge_diff = lora.merge(model, probe["input_ids"])
+            if merge_diff > PROBE_TOLERANCE["fp32"]:
+                raise BigrayError(f"{ckpt_uri}: the merged model's logits differ from the adapter model's by "
+                                  f"{merge_diff:.3g}; merge is wrong")
 
         dtype = EXPORT_DTYPE[meta["precision"]]
         generation = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
                                       pad_token_id=hf_cfg.pad_token_id, do_sample=False, max_new_tokens=256)
         out = os.path.join(work, "export")
-        model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)
+        model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)  # peft: the adapter only
         generation.save_pretrained(out)
         store.copy_dir(os.path.join(local, "tokenizer"), out)
         store.copy_dir(out, out_dir)
-    return ExportResult(out_dir=out_dir, checkpoint=ckpt_uri, step=meta["step"], probe_max_abs_diff=diff, dtype=dtype)
+    return ExportResult(out_dir=out_dir, checkpoint=ckpt_uri, step=meta["step"], probe_max_abs_diff=diff, dtype=dtype,
+                        adapter_only=adapter_only, merge_max_abs_diff=merge_diff)
 
 
 # The dtype model.safetensors is written in, by the precision the engine trained in.
@@ -161,7 +183,7 @@ EXPORT_DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def export_in_task(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = None,
-                   num_cpus: float = 1) -> ExportResult:
+                   num_cpus: float = 1, adapter_only: bool = False) -> ExportResult:
     """`export` as a Ray task reserving the memory it needs (`export_memory`), so it runs on a node that has it,
     not on the driver's (a head node is often the smallest); the driver only waits. Needs Ray initialised."""
     import ray
@@ -176,7 +198,7 @@ def export_in_task(run_dir: str, out_dir: str, store: Store, checkpoint: str | N
     log.info("export: consolidating %s (%.2fB parameters) in a Ray task reserving %.1f GiB memory and %g CPU",
              ckpt_uri, n_params / 1e9, need / 2**30, num_cpus)
     task = ray.remote(export).options(num_cpus=num_cpus, memory=need, max_retries=0)
-    return ray.get(task.remote(run_dir, out_dir, store, checkpoint=ckpt_uri))
+    return ray.get(task.remote(run_dir, out_dir, store, checkpoint=ckpt_uri, adapter_only=adapter_only))
 
 
 def checkpoint_export_memory(ckpt_uri: str, store: Store) -> tuple[int, int]:

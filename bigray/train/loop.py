@@ -26,6 +26,7 @@ from bigray.errors import BigrayError
 from bigray.runtime import quiet_ray_console
 from bigray.storage import Store
 from bigray.train.batches import Rows, global_batches, micro_slice, rank_share, table_rows, train_batches
+from bigray.train.lora import apply_lora, lora_resume_key, save_adapter_config
 from bigray.train.metrics import MetricsLog, memory_gb, mfu, peak_flops
 from bigray.train.model import build_model, flops_per_token, model_config, resolve_attention
 from bigray.train.zero import deepspeed_config, lr_at, param_groups, resolve_precision
@@ -207,6 +208,8 @@ def setup_engine(t: TrainConfig, model: ModelConfig, store: Store, vocab_size: i
         ds_hint = HfDeepSpeedConfig(ds_cfg)  # noqa: F841
     module = build_model(hf_cfg, pretrained_dir, attn_implementation=resolve_attention(model.attention, on_gpu,
                                                                                       precision))
+    if t.lora:
+        module = apply_lora(module, t.lora, model)
     if t.activation_checkpointing:
         apply_activation_checkpointing(module)
     optimizer = build_optimizer(module, t, on_gpu)
@@ -349,11 +352,14 @@ def save_checkpoint(engine, step: int, run: RunContext, out_dir: str) -> None:
         engine.train()
     if run.log:
         run.log.flush_tensorboard()
-    engine.save_checkpoint(out_dir, tag=CKPT_TAG, client_state={"step": step})
+    # LoRA: the frozen base is not saved (a resume reloads it from model.pretrained), only the adapters.
+    engine.save_checkpoint(out_dir, tag=CKPT_TAG, client_state={"step": step},
+                           exclude_frozen_parameters=run.train.lora is not None)
     os.makedirs(os.path.join(out_dir, "rng"), exist_ok=True)
     torch.save(_rng_state(), os.path.join(out_dir, "rng", f"rank_{run.rank}.pt"))
     if run.rank == 0:
         run.hf_cfg.save_pretrained(os.path.join(out_dir, "hf"))
+        save_adapter_config(engine.module, out_dir)
         run.store.copy_dir(run.tokenizer_dir, os.path.join(out_dir, "tokenizer"))
         torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, os.path.join(out_dir, "probe.pt"))
         meta = {"step": step, "precision": run.precision, "tag": CKPT_TAG, "zero_stage": run.train.zero_stage,
@@ -383,14 +389,16 @@ def restore(engine, rank: int, resume_from: str | None, store: Store, agree: dic
         fetch_rank_files(checkpoint.filesystem, checkpoint.path, rank, d)
         with open(os.path.join(d, "bigray.json")) as f:
             check_resume(json.load(f).get("resume", {}), agree, checkpoint.path)
-        _, client_state = engine.load_checkpoint(d, tag=CKPT_TAG)
+        # A LoRA checkpoint holds no frozen weights: they stay as loaded from model.pretrained.
+        frozen = any(not p.requires_grad for p in engine.module.parameters())
+        _, client_state = engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=not frozen)
         _set_rng_state(torch.load(os.path.join(d, "rng", f"rank_{rank}.pt"), weights_only=False))
     return client_state["step"]
 
 
 # Checkpoint files only `bigray export` reads, and the zero_to_*.py scripts DeepSpeed copies beside its shards: a
 # resuming rank skips them.
-EXPORT_ONLY = ("hf/", "tokenizer/", "probe.pt", "zero_to_")
+EXPORT_ONLY = ("hf/", "tokenizer/", "probe.pt", "zero_to_", "adapter/")
 
 
 def rank_of(rel_path: str) -> int | None:
@@ -430,7 +438,8 @@ def resume_keys(t: TrainConfig, world: int, manifest: dict, precision: str | Non
     keys = {"zero_stage": t.zero_stage, "num_workers": world,
             "global_batch_rows": world * t.micro_batch_size * t.grad_accum_steps, "seed": t.seed,
             "shuffle_window": t.shuffle_window,
-            "manifest_sha": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()}
+            "manifest_sha": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+            "lora": lora_resume_key(t.lora)}
     if precision is not None:
         keys["precision"] = precision
     if hf_cfg is not None:

@@ -19,6 +19,7 @@ from bigray.runtime import init_ray, resolve_log_level
 from bigray.storage import Store, join
 from bigray.train.export import ExportResult, checkpoint_uri, committed_checkpoint, export_in_task
 from bigray.train.loop import PROBE_TOKENS, check_resume, resume_keys, train_func
+from bigray.train.lora import check_lora
 from bigray.train.metrics import plot, read_records
 from bigray.train.model import pretrained_vocab
 from bigray.train.zero import worker_env_vars
@@ -76,6 +77,7 @@ def plan_run(cfg: Config) -> RunPlan:
                           f"x grad_accum_steps {t.grad_accum_steps})")
     # A GPU config that cannot fit fails here, not as an OOM an hour into the run (no-op on CPU).
     check_fits(t, cfg.model, vocab, manifest["seq_len"], store)
+    check_lora(t.lora, cfg.model, store)
     kind = cfg.model.preset if not cfg.model.pretrained else "finetune"
     run_name = t.run_name or f"bigray-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     return RunPlan(train=t, model=cfg.model, store=store, manifest=manifest, root=root, storage_path=storage_path,
@@ -224,5 +226,6 @@ def train(cfg: Config, progress: Callable[[dict], None] | None = None) -> TrainR
     exported = None
     if run.train.export and result.checkpoint is not None:
         exported = export_in_task(run.run_dir, join(run.run_dir, "export"), run.store,
-                                  checkpoint=checkpoint_uri(run.run_dir, result.checkpoint))
+                                  checkpoint=checkpoint_uri(run.run_dir, result.checkpoint),
+                                  adapter_only=run.train.lora is not None and run.train.lora.export == "adapter")
     return TrainResult(run_dir=run.run_dir, records=records, export=exported, wall_s=time.perf_counter() - start)
