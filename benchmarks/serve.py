@@ -7,8 +7,14 @@
     .venv/bin/python benchmarks/serve.py                    # a random-init `tiny` model built on the fly
     .venv/bin/python benchmarks/serve.py --model runs/demo/train/demo/export --num-cpus 4
 
+    .venv/bin/python benchmarks/serve.py --variants --profile /tmp/serve-prof   # the HTTP overhead only, per setting
+
 Goals: at 32 clients, batching >= 6x the unbatched tokens/s; HTTP overhead < 10% of a 32-token completion.
 Every request is greedy with max_tokens=32 on a distinct prompt; tokens are counted from `usage`.
+
+`--variants` measures only the overhead, once per Ray Serve setting in VARIANTS (each in a fresh local Ray,
+the in-process reference shared), and with `--profile DIR` samples the proxy and replica with py-spy
+(collapsed stacks, one file per process) while the HTTP requests run.
 """
 
 from __future__ import annotations
@@ -24,9 +30,20 @@ import sysconfig
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+# Ray Serve's public performance settings (environment variables read where Ray starts its processes).
+# `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` also turns on direct ingress (replicas listen on their own ports, no proxy
+# on serve.port), which bigray's single-URL start does not use: it is kept off here, the rest of the bundle on.
+VARIANTS = {
+    "default": {},
+    "user code on the replica's main loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
+    "throughput-optimized, proxy kept": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+}
 
 
 def build_model(out: str, preset: str, context: int) -> str:
@@ -89,14 +106,12 @@ def throughput(url: str, model: str, clients: int, per_client: int, max_tokens: 
     return sum(tokens) / (time.perf_counter() - t0)
 
 
-def overhead(
-    url: str, model: str, model_dir: str, prompt: str, max_tokens: int, repeats: int, num_threads: int, wait_s: float
-):
+def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats: int, profile=None):
     """Median latency of one greedy completion over HTTP and through an in-process Engine with the replica's settings
-    (no proxy, no FastAPI, no JSON), in alternating blocks so that load drifting on a shared machine hits both alike."""
-    from bigray.serve.engine import Engine, SamplingParams
+    (no proxy, no FastAPI, no JSON), in alternating blocks so that load drifting on a shared machine hits both alike.
+    `profile` (a callable) starts sampling before the last HTTP block and returns a callable that stops it."""
+    from bigray.serve.engine import SamplingParams
 
-    engine = Engine(model_dir, max_batch_size=32, batch_wait_timeout_s=wait_s, num_threads=num_threads, device="cpu")
     ids = engine.encode(prompt)
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
@@ -111,9 +126,10 @@ def overhead(
         http_t, engine_t, counts = [], [], set()
         await in_process()
         post(conn, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-        for _ in range(2):
+        for block in range(2):
             # Blocks, not alternation: on a 2-core box the idle path's OpenMP threads still spin for a while after
             # each request and would slow the other path down. Each path keeps its better block median.
+            stop_profile = profile() if profile and block == 1 else None
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
@@ -124,6 +140,8 @@ def overhead(
                 )
                 times.append(time.perf_counter() - t0)
             http_t.append(statistics.median(times))
+            if stop_profile:
+                stop_profile()
             await asyncio.sleep(0.5)
             times = []
             for _ in range(repeats):
@@ -153,7 +171,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--per-client", type=int, default=4, help="requests each client sends")
     parser.add_argument("--repeats", type=int, default=20, help="single requests timed for the overhead (median)")
+    parser.add_argument("--variants", action="store_true", help="only the HTTP overhead, once per Serve setting")
+    parser.add_argument("--profile", metavar="DIR", help="with --variants: py-spy the proxy and replica into DIR")
     args = parser.parse_args()
+    if args.variants:
+        return variants(args)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -162,6 +184,7 @@ def main() -> None:
     from bigray.config import load_config
     from bigray.runtime import free_port, init_ray
     from bigray.serve import build_app, start, stop
+    from bigray.serve.engine import Engine
 
     model_dir = args.model or build_model(tempfile.mkdtemp(prefix="bigray-bench-serve-"), args.preset, 512)
     port = free_port()
@@ -200,9 +223,10 @@ def main() -> None:
             print(
                 f"{mode:9} tokens/s: " + ", ".join(f"{c} clients {results[mode][c]:,.0f}" for c in levels), flush=True
             )
-        http_s, engine_s, counts, hop_s = overhead(
-            url, "bench", model_dir, prompt, args.max_tokens, args.repeats, args.num_cpus, 0.01
+        engine = Engine(
+            model_dir, max_batch_size=32, batch_wait_timeout_s=0.01, num_threads=args.num_cpus, device="cpu"
         )
+        http_s, engine_s, counts, hop_s = overhead(url, "bench", engine, prompt, args.max_tokens, args.repeats)
     finally:
         stop()
     ray.shutdown()
@@ -229,6 +253,115 @@ def main() -> None:
         f"goals: 32-client batching {ratio:.2f}x (>= 6x: {'met' if ratio >= 6 else 'NOT met'}), "
         f"HTTP overhead {over:.1%} (< 10%: {'met' if over < 0.10 else 'NOT met'})"
     )
+
+
+def variants(args) -> None:
+    """The HTTP overhead of one 32-token completion under each of VARIANTS, each in a fresh local Ray."""
+    import ray
+
+    from bigray.config import load_config
+    from bigray.runtime import free_port, init_ray
+    from bigray.serve import start, stop
+    from bigray.serve.engine import Engine
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    model_dir = args.model or build_model(tempfile.mkdtemp(prefix="bigray-bench-serve-"), args.preset, 512)
+    engine = Engine(model_dir, max_batch_size=32, batch_wait_timeout_s=0.01, num_threads=args.num_cpus, device="cpu")
+    rows = []
+    for name, env in VARIANTS.items():
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        port = free_port()
+        cfg = load_config(
+            overrides=[
+                f"serve.model={model_dir}",
+                f"serve.port={port}",
+                "serve.model_name=bench",
+                f"serve.num_cpus={args.num_cpus}",
+                "serve.max_batch_size=32",
+                f"ray.num_cpus={args.num_cpus + 1}",
+            ]
+        )
+        init_ray(cfg.ray)
+        profile = None
+        try:
+            url = start(cfg, timeout_s=180)
+            if args.profile:
+                profile = _profiler(url, Path(args.profile), name)
+            http_s, engine_s, counts, hop_s = overhead(
+                url, "bench", engine, prompts(1)[0], args.max_tokens, args.repeats, profile
+            )
+        except Exception as exc:  # noqa: BLE001 - one setting that does not start must not hide the others
+            print(f"{name}: failed ({type(exc).__name__}: {exc})", flush=True)
+            continue
+        finally:
+            stop()
+            ray.shutdown()
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        rows.append((name, engine_s, http_s, hop_s))
+        print(
+            f"{name}: in-process {engine_s * 1e3:.1f} ms, HTTP {http_s * 1e3:.1f} ms, hop {hop_s * 1e3:.1f} ms",
+            flush=True,
+        )
+    print(f"\n{'Serve setting':40} {'engine ms':>10} {'HTTP ms':>8} {'overhead':>15} {'GET /health':>12}")
+    for name, engine_s, http_s, hop_s in rows:
+        over = http_s - engine_s
+        print(
+            f"{name:40} {engine_s * 1e3:>10.1f} {http_s * 1e3:>8.1f} {over * 1e3:>6.1f} ms {over / engine_s:>6.1%} "
+            f"{hop_s * 1e3:>9.1f} ms"
+        )
+
+
+def _profiler(url: str, out: Path, name: str):
+    """A callable that starts py-spy on the replica (its pid from /health) and Serve's proxy; calling its result
+    stops them. Collapsed stacks (flamegraph input), idle threads included, so waits show as well as work."""
+    import shutil
+    import signal
+    import subprocess
+
+    from ray.util.state import list_actors
+
+    with urllib.request.urlopen(f"{url}/health", timeout=30) as resp:
+        replica = json.loads(resp.read())["pid"]
+    proxy = next(a.pid for a in list_actors(filters=[("class_name", "=", "ProxyActor"), ("state", "=", "ALIVE")]))
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    out.mkdir(parents=True, exist_ok=True)
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+
+    def begin():
+        procs = [
+            subprocess.Popen(
+                [
+                    spy,
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--format",
+                    "raw",
+                    "--rate",
+                    "250",
+                    "--idle",
+                    "--threads",
+                    "--nonblocking",
+                    "-o",
+                    str(out / f"{slug}-{role}.txt"),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            for role, pid in (("replica", replica), ("proxy", proxy))
+        ]
+
+        def end():
+            for p in procs:
+                p.send_signal(signal.SIGINT)
+            for p in procs:
+                p.wait(timeout=60)
+
+        return end
+
+    return begin
 
 
 if __name__ == "__main__":

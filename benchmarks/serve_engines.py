@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/serve_engines.py [--preset tiny] [--max-tokens 32]
 
 For one random-init model: greedy parity of each engine with `model.generate`, then generated tokens/s with
-1, 8 and 32 requests in flight at once (each engine gets the same prompts, greedy, `max_tokens` each).
+1, 8 and 32 requests in flight at once (each engine gets the same prompts, greedy, `max_tokens` each), and the
+process's peak RSS during each run above its RSS before it (Linux: VmHWM, reset through /proc/self/clear_refs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from serve import build_model, prompts  # noqa: E402 - benchmarks/serve.py, next to this file
+
+
+def peak_reset() -> int:
+    """Reset this process's peak RSS to its current RSS (Linux); returns the current RSS in bytes."""
+    import psutil
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return psutil.Process().memory_info().rss
+
+
+def peak_since(base: int) -> float:
+    """MiB of peak RSS above `base` since the last peak_reset()."""
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return max(0, hwm - base) / 2**20
 
 
 def hf_reference(model, ids: list[list[int]], max_tokens: int, eos: int) -> list[list[int]]:
@@ -46,7 +63,10 @@ def bigray_engine(model_dir: str, ids: list[list[int]], max_tokens: int, threads
             out[i] += ev.token_ids
         return out, time.perf_counter() - t0
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.close()
 
 
 def hf_continuous(model, ids: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
@@ -90,15 +110,23 @@ def main() -> None:
         f"greedy parity with generate over 8 prompts: bigray {sum(strip(a) == strip(b) for a, b in zip(ours, ref))}/8, "
         f"transformers CB {sum(strip(a) == strip(b) for a, b in zip(theirs, ref))}/8"
     )
-    print(f"{'in flight':>9} {'bigray tok/s':>13} {'transformers CB tok/s':>22}")
+    print(f"{'in flight':>9} {'bigray tok/s':>13} {'peak +MiB':>10} {'transformers CB tok/s':>22} {'peak +MiB':>10}")
     for n in (1, 8, 32):
         best = {"bigray": 0.0, "cb": 0.0}
+        peak = {"bigray": 0.0, "cb": 0.0}
         for _ in range(2):  # best of two, alternating, on a shared noisy box
+            base = peak_reset()
             out, s = bigray_engine(model_dir, ids[:n], args.max_tokens, args.threads)
+            peak["bigray"] = max(peak["bigray"], peak_since(base))
             best["bigray"] = max(best["bigray"], sum(map(len, out)) / s)
+            base = peak_reset()
             out, s = hf_continuous(model, ids[:n], args.max_tokens)
+            peak["cb"] = max(peak["cb"], peak_since(base))
             best["cb"] = max(best["cb"], sum(map(len, out)) / s)
-        print(f"{n:>9} {best['bigray']:>13,.0f} {best['cb']:>22,.0f}", flush=True)
+        print(
+            f"{n:>9} {best['bigray']:>13,.0f} {peak['bigray']:>10,.0f} {best['cb']:>22,.0f} {peak['cb']:>10,.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -231,6 +231,7 @@ class Engine:
         self._wakeup = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopped: BaseException | None = None  # what ended the engine thread
+        self._closed = False
         self._lock = threading.Lock()
         self._step_started: float | None = None
         self._failures = 0
@@ -348,6 +349,11 @@ class Engine:
             return _StreamStep(stream, backend)
         return _OffsetDecoder(self._decode)
 
+    def close(self) -> None:
+        """Let the engine thread end once the work in flight is done (the engine then refuses new work)."""
+        self._closed = True
+        self._wakeup.set()
+
     def _ensure_loop(self) -> None:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="bigray-engine", daemon=True)
@@ -364,10 +370,12 @@ class Engine:
         competes for the GIL with the replica's own threads. Tokens reach the loop once per step (`_deliver`).
         """
         try:
-            while True:
+            while not self._closed:
                 self._wakeup.clear()
                 if not self._rows and not self._pending and self._prefill is None:
                     self._wakeup.wait()
+                    if self._closed:
+                        break
                     if self.batch_wait_timeout_s > 0 and self.max_batch_size > 1:
                         time.sleep(self.batch_wait_timeout_s)  # let concurrent arrivals join the first batch
                 self.step()

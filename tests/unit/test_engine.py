@@ -265,6 +265,12 @@ def test_health_fails_on_repeated_failures_a_hung_step_and_a_dead_loop(model_dir
 
     asyncio.run(killed())
 
+    e = engine(model_dir)
+    asyncio.run(collect(e, [(e.encode("x = 1"), greedy(2))]))
+    e.close()  # the thread ends (a benchmark making many engines does not keep them all alive)
+    e._thread.join(10)
+    assert not e._thread.is_alive() and "loop stopped" in e.health()
+
 
 def test_full_waiting_queue_refuses_and_timeout_frees_rows(model_dir):
     e = engine(model_dir, max_waiting=2)
