@@ -13,10 +13,10 @@ import urllib.error
 import urllib.request
 
 from bigray.config import Config, ServeConfig, apply_overrides, load_config, require
-from bigray.errors import BigrayError
+from bigray.errors import BigrayError, ConfigError
 from bigray.serve.app import OpenAIServer, api_key_digest
 from bigray.serve.vllm import build_vllm_app, deployment_config
-from bigray.storage import Store
+from bigray.storage import Store, join
 
 APP_NAME = "bigray"
 
@@ -25,6 +25,9 @@ def build_app(cfg: Config):
     """The Serve application for `cfg.serve`: bigray's HF engine, or Ray Serve LLM for serve.engine=vllm."""
     store = Store(cfg.storage)
     if cfg.serve.engine == "vllm":
+        if cfg.serve.model and store.exists(join(cfg.serve.model, "adapter_config.json")):
+            raise ConfigError(f"serve.model: {cfg.serve.model} is a LoRA adapter dir, which serve.engine=vllm does not "
+                              "load; export the merged model (bigray export without --adapter-only) or use engine=hf")
         return build_vllm_app(cfg.serve, store)
     s = cfg.serve
     require(s.model, "serve.model", "serve")

@@ -116,3 +116,16 @@ def test_resume_must_keep_the_lora_settings():
         check_resume(recorded, resume_keys(t.model_copy(update={"lora": LoraConfig(r=16)}), 2, {}), "c")
     with pytest.raises(BigrayError, match="lora: checkpoint"):
         check_resume(recorded, resume_keys(t.model_copy(update={"lora": None}), 2, {}), "c")
+
+
+def test_export_flag_and_vllm_refusing_an_adapter_dir(tmp_path):
+    from bigray.cli import build_parser
+    from bigray.config import load_config
+    from bigray.serve.deploy import build_app
+
+    assert build_parser().parse_args(["export", "run", "out", "--adapter-only"]).adapter_only
+    assert not build_parser().parse_args(["export", "run", "out"]).adapter_only
+    (tmp_path / "adapter_config.json").write_text('{"base_model_name_or_path": "/models/base"}')
+    assert adapter_base(str(tmp_path)) == "/models/base"
+    with pytest.raises(ConfigError, match="serve.model: .* is a LoRA adapter dir"):
+        build_app(load_config(overrides=["serve.engine=vllm", f"serve.model={tmp_path}"]))
