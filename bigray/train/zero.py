@@ -81,7 +81,10 @@ def param_groups(model, weight_decay: float) -> list[dict]:
             continue
         shape = getattr(p, "ds_shape", p.shape)
         (decay if len(shape) >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # Empty groups dropped (LoRA's adapters are all matrices): DeepSpeed's ZeRO optimizers drop them, which would
+    # leave the LR scheduler, built over the groups given, with one LR too many. The decay group stays first.
+    return [g for g in groups if g["params"]]
 
 
 def lr_at(step: int, t: TrainConfig) -> float:

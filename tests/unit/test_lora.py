@@ -52,6 +52,7 @@ def test_only_adapters_train_and_reach_the_optimizer(base_dir):
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     adapters = {id(p) for name, p in model.named_parameters() if "lora_" in name}
     assert in_optimizer == adapters
+    assert len(optimizer.param_groups) == 1, "no empty no-decay group: ZeRO drops it, the LR scheduler would not"
     assert all(not p.requires_grad for name, p in model.named_parameters() if "lora_" not in name)
 
 
