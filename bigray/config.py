@@ -155,6 +155,11 @@ class TrainConfig(Section):
     checkpoint_upload: Literal["async", "sync"] = Field(
         "async", description="async: training steps on while Ray Train uploads a checkpoint; sync: it waits"
     )
+    checkpoint_write: Literal["inline", "background"] = Field(
+        "inline",
+        description="inline: the step waits while a checkpoint's files are written; background: a thread writes "
+        "them from a host copy and the checkpoint goes with a later report (its step in metrics checkpoint_step)",
+    )
     max_failures: int = Field(3, ge=0, description="worker-group restarts Ray Train attempts")
     storage_path: str | None = Field(None, description="local dir or s3:// prefix for runs")
     run_name: str | None = Field(None, description="null: generated")

@@ -1,7 +1,7 @@
 """The per-worker training function that Ray Train runs: ordinary DeepSpeed plus `ray.train.report`.
 
 `train_func` reads like a table of contents: `setup_engine` (one function per technique), `restore`, then
-per step `train_step`, and on logged steps `maybe_evaluate` and `maybe_checkpoint`, which decide themselves
+per step `train_step`, and on logged steps `maybe_evaluate` and the `Checkpointer`, which decide themselves
 whether they are due.
 """
 
@@ -15,13 +15,15 @@ import random
 import re
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 
-from bigray.config import ModelConfig, TrainConfig
+from bigray.config import ModelConfig, TrainConfig, deep_merge
 from bigray.errors import BigrayError
 from bigray.runtime import quiet_ray_console
 from bigray.storage import Store
@@ -64,10 +66,12 @@ def train_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     tok, seq_len = manifest["tokenizer"], manifest["seq_len"]
-    engine, hf_cfg, precision = setup_engine(t, ModelConfig.model_validate(config["model"]), store, tok["vocab_size"],
+    resume = find_resume(config["resume_from"], store)
+    engine, hf_cfg, precision = setup_engine(engine_train_config(t, resume, world),
+                                             ModelConfig.model_validate(config["model"]), store, tok["vocab_size"],
                                              seq_len, tok["eos_id"], world, device)
     agree = resume_keys(t, world, manifest, precision, hf_cfg)
-    step = restore(engine, rank, config["resume_from"], store, agree)
+    step = restore(engine, rank, world, resume, agree)
     apply_run_hyperparameters(engine, t)
     run = RunContext(train=t, store=store, rank=rank, world=world, device=device, run_dir=config["run_dir"],
                      tokenizer_dir=config["tokenizer_dir"], probe=config["probe"], hf_cfg=hf_cfg, precision=precision,
@@ -81,18 +85,22 @@ def train_func(config: dict) -> None:
                             manifest["splits"]["train"]["rows"] // rows_per_step, step, t.max_steps, rank, world,
                             t.micro_batch_size)
 
+    checkpointer = Checkpointer(run)
     for step, epoch, batch in batches:
         window.add(train_step(engine, batch, run))
         if not report_due(step, t, val is not None):
             continue
         metrics = window.metrics(engine, step, epoch)
         metrics |= maybe_evaluate(engine, val, step, run)
+        checkpoint = checkpointer.for_report(engine, step)
+        if checkpoint:
+            metrics["checkpoint_step"] = checkpoint.step  # the step it holds (earlier, when written in background)
         if run.log:
             run.log.log(metrics)
         # ASYNC: Ray uploads the dir in a thread (and then deletes it) while the next steps run; the checkpoint
         # becomes the run's latest only once every rank's upload is done.
         ray.train.report({k: v for k, v in metrics.items() if v is not None},
-                         checkpoint=maybe_checkpoint(engine, step, run),
+                         checkpoint=ray.train.Checkpoint.from_directory(checkpoint.out_dir) if checkpoint else None,
                          checkpoint_upload_mode=ray.train.CheckpointUploadMode[t.checkpoint_upload.upper()],
                          delete_local_checkpoint_after_upload=True)
         window.reset()  # after the report: eval and checkpoint time are not step time
@@ -321,24 +329,97 @@ def evaluate(engine, val_batches: list[Rows], run: RunContext) -> float:
     return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
 
-def maybe_checkpoint(engine, step: int, run: RunContext):
-    """On checkpoint steps (every train.checkpoint_every, and the last) a ray.train.Checkpoint of this rank's
-    state in a fresh local dir, else None. Collective.
+@dataclass
+class Written:
+    """One checkpoint of this rank: its local dir, and the thread still writing it (None once written)."""
 
-    Every rank reports its own dir, holding only the files this rank wrote (no file is written by two
-    ranks); Ray Train uploads them into one checkpoint in storage and deletes the local dir afterwards.
+    step: int
+    out_dir: str
+    thread: threading.Thread | None = None
+    error: BaseException | None = None
+
+    def done(self) -> bool:
+        return self.thread is None or not self.thread.is_alive()
+
+    def finish(self) -> Written:
+        """Wait for the writer thread; raise what it raised."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            shutil.rmtree(self.out_dir, ignore_errors=True)
+            raise BigrayError(f"writing the step-{self.step} checkpoint failed: {self.error!r}") from self.error
+        return self
+
+
+class Checkpointer:
+    """Writes this rank's checkpoints when due (every train.checkpoint_every, and the last step) and says which
+    one goes with a report. Collective: every rank must call `for_report` at every report.
+
+    inline: the checkpoint is written before its step's report. background: the state is copied to host memory,
+    a thread writes the files while training steps on, and the checkpoint goes with the first report at which
+    every rank's files are complete (the last step's is written inline). Ray Train merges the dirs the ranks
+    attach to the same report into one checkpoint, so all ranks attach it to the same report.
     """
-    if not checkpoint_due(step, run.train):
-        return None
-    import ray.train
 
+    def __init__(self, run: RunContext):
+        self.run = run
+        self.pending: Written | None = None
+
+    def for_report(self, engine, step: int) -> Written | None:
+        """The checkpoint to attach to this step's report, if any (its `step` may be earlier)."""
+        due, last = checkpoint_due(step, self.run.train), step == self.run.train.max_steps
+        ready = None
+        if self.pending is not None and (due or _all_ranks(self.pending.done(), self.run.device)):
+            ready, self.pending = self.pending.finish(), None
+        if not due:
+            return ready
+        if self.run.train.checkpoint_write == "inline" or last:
+            if ready is not None:  # superseded by the last step's own checkpoint in the same report
+                shutil.rmtree(ready.out_dir, ignore_errors=True)
+            return write_checkpoint(engine, step, self.run, background=False)
+        self.pending = write_checkpoint(engine, step, self.run, background=True)
+        return ready
+
+
+def _all_ranks(flag: bool, device) -> bool:
+    import torch
+
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def write_checkpoint(engine, step: int, run: RunContext, background: bool) -> Written:
+    """This rank's checkpoint of `step` in a fresh local dir; with `background`, its large files are written by a
+    thread from a host copy of the state (`checkpoint_writer.HostCopyWriter`). Collective."""
     out_dir = tempfile.mkdtemp(prefix="bigray-ckpt-")
+    written = Written(step, out_dir)
     try:
-        save_checkpoint(engine, step, run, out_dir)
+        if not background:
+            save_checkpoint(engine, step, run, out_dir)
+            return written
+        from bigray.train.checkpoint_writer import HostCopyWriter
+
+        writer = HostCopyWriter()
+        inline, engine.checkpoint_engine = engine.checkpoint_engine, writer
+        try:
+            save_checkpoint(engine, step, run, out_dir)
+        finally:
+            engine.checkpoint_engine = inline
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
-    return ray.train.Checkpoint.from_directory(out_dir)
+
+    def write():
+        try:
+            writer.write_all()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread by Written.finish
+            written.error = exc
+
+    written.thread = threading.Thread(target=write, name=f"bigray-ckpt-{step}", daemon=True)
+    written.thread.start()
+    return written
 
 
 def save_checkpoint(engine, step: int, run: RunContext, out_dir: str) -> None:
@@ -368,15 +449,21 @@ def save_checkpoint(engine, step: int, run: RunContext, out_dir: str) -> None:
             json.dump(meta, f)
 
 
-def restore(engine, rank: int, resume_from: str | None, store: Store, agree: dict) -> int:
-    """Resume from Ray Train's latest committed checkpoint, else from `resume_from`, if any: weights, optimizer,
-    scheduler, step, RNG. Returns the step to continue after (0 for a fresh start).
+@dataclass(frozen=True)
+class Resume:
+    """The checkpoint a run resumes from and its bigray.json."""
 
-    Fetches only this rank's files (`rank_files`); raises if the checkpoint was written under settings that
-    disagree with `agree` (this run's `resume_keys`).
-    """
+    checkpoint: Any  # ray.train.Checkpoint
+    meta: dict
+
+    def elastic(self, world: int) -> bool:
+        """Written by another number of ZeRO ranks: its optimizer partitions must be re-cut (universal checkpoint)."""
+        return self.meta["zero_stage"] > 0 and self.meta["world_size"] != world
+
+
+def find_resume(resume_from: str | None, store: Store) -> Resume | None:
+    """Ray Train's latest committed checkpoint of this run, else `resume_from` (another run's), else None."""
     import ray.train
-    import torch
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from:
@@ -384,16 +471,85 @@ def restore(engine, rank: int, resume_from: str | None, store: Store, agree: dic
         fs, path = store.filesystem(resume_from)
         checkpoint = ray.train.Checkpoint(path, filesystem=fs)
     if checkpoint is None:
+        return None
+    with checkpoint.filesystem.open_input_stream(checkpoint.path.rstrip("/") + "/bigray.json") as f:
+        return Resume(checkpoint, json.loads(f.read()))
+
+
+def engine_train_config(t: TrainConfig, resume: Resume | None, world: int) -> TrainConfig:
+    """`t` with DeepSpeed told to load a universal checkpoint when `resume` was written by another world size."""
+    if resume is None or not resume.elastic(world):
+        return t
+    return t.model_copy(update={"deepspeed": deep_merge(t.deepspeed, {"checkpoint": {"load_universal": True}})})
+
+
+def restore(engine, rank: int, world: int, resume: Resume | None, agree: dict) -> int:
+    """Weights, optimizer, scheduler, step and RNG from `resume`, if any. Returns the step to continue after (0
+    for a fresh start).
+
+    Raises if the checkpoint was written under settings that disagree with `agree` (this run's `resume_keys`).
+    Same world size: fetches only this rank's files (`rank_files`). Another one (elastic): the checkpoint is
+    converted once to DeepSpeed's universal format (`universal_checkpoint`), which every rank reads whole.
+    """
+    import torch
+
+    if resume is None:
         return 0
+    fs, path = resume.checkpoint.filesystem, resume.checkpoint.path.rstrip("/")
+    check_resume(resume.meta.get("resume", {}), agree, path)
     with tempfile.TemporaryDirectory(prefix="bigray-restore-") as d:
-        fetch_rank_files(checkpoint.filesystem, checkpoint.path, rank, d)
-        with open(os.path.join(d, "bigray.json")) as f:
-            check_resume(json.load(f).get("resume", {}), agree, checkpoint.path)
+        if resume.elastic(world):
+            source = universal_checkpoint(fs, path, resume.meta["tag"], rank)
+            fetch_files(fs, source, d, lambda rels: rels)
+            fetch_files(fs, path, d, lambda rels: [r for r in rels if r == f"rng/rank_{rank}.pt"])
+        else:
+            fetch_rank_files(fs, path, rank, d)
         # A LoRA checkpoint holds no frozen weights: they stay as loaded from model.pretrained.
         frozen = any(not p.requires_grad for p in engine.module.parameters())
         _, client_state = engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=not frozen)
-        _set_rng_state(torch.load(os.path.join(d, "rng", f"rank_{rank}.pt"), weights_only=False))
+        rng = os.path.join(d, "rng", f"rank_{rank}.pt")
+        if os.path.exists(rng):  # a rank the checkpoint did not have keeps its seeded RNG
+            _set_rng_state(torch.load(rng, weights_only=False))
     return client_state["step"]
+
+
+UNIVERSAL_DIR = "universal"  # inside the checkpoint: its DeepSpeed state in universal form, made on first need
+
+
+def universal_checkpoint(fs, path: str, tag: str, rank: int) -> str:
+    """The path of the checkpoint's universal form, converting it first in a Ray task if no run did yet; all
+    ranks return once it is complete. Collective."""
+    import ray
+    import torch
+
+    done = f"{path}/{UNIVERSAL_DIR}/complete"
+    if rank == 0 and fs.get_file_info(done).type == pafs.FileType.NotFound:
+        convert = ray.remote(convert_to_universal).options(num_cpus=1, max_retries=1,
+                                                           scheduling_strategy="DEFAULT")  # not in Train's group
+        ray.get(convert.remote(fs, path, tag))
+    torch.distributed.barrier()
+    return f"{path}/{UNIVERSAL_DIR}"
+
+
+def convert_to_universal(fs, path: str, tag: str) -> None:
+    """DeepSpeed's `ds_to_universal` on the checkpoint at `path`, written back to `<path>/universal/` (a Ray task:
+    it reads every rank's shards, which no training rank should hold). The `complete` marker is written last."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    with tempfile.TemporaryDirectory(prefix="bigray-universal-") as d:
+        fetch_files(fs, path, os.path.join(d, "in"), lambda rels: [r for r in rels if r.startswith(f"{tag}/")])
+        out = os.path.join(d, "out")
+        # bigray's HF models carry no universal_checkpoint_info of their own: DeepSpeed injects its default.
+        ds_to_universal.main(argparse.Namespace(
+            input_folder=os.path.join(d, "in", tag), output_folder=os.path.join(out, tag), num_extract_workers=1,
+            num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+        target = f"{path}/{UNIVERSAL_DIR}"
+        fs.create_dir(target, recursive=True)
+        pafs.copy_files(out, target, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    with fs.open_output_stream(f"{target}/complete") as f:
+        f.write(b"ds_to_universal\n")
 
 
 # Checkpoint files only `bigray export` reads, and the zero_to_*.py scripts DeepSpeed copies beside its shards: a
@@ -415,13 +571,17 @@ def rank_files(rel_paths: list[str], rank: int) -> list[str]:
 
 def fetch_rank_files(fs, path: str, rank: int, dest: str) -> list[tuple[str, int]]:
     """Copy `rank_files` of the checkpoint at `path` on `fs` into `dest`; returns (relative path, bytes) of each."""
-    import pyarrow.fs as pafs
+    return fetch_files(fs, path, dest, lambda rels: rank_files(rels, rank))
 
+
+def fetch_files(fs, path: str, dest: str, select) -> list[tuple[str, int]]:
+    """Copy the files `select(relative paths)` picks of the checkpoint at `path` on `fs` into `dest`, one at a time
+    in 16 MiB chunks; returns (relative path, bytes) of each."""
     root = path.rstrip("/")
     infos = {i.path[len(root) + 1:]: i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True))
              if i.type == pafs.FileType.File}
     fetched = []
-    for rel in rank_files(sorted(infos), rank):
+    for rel in select(sorted(infos)):
         target = os.path.join(dest, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with fs.open_input_stream(infos[rel].path) as src, open(target, "wb") as out:
@@ -454,16 +614,21 @@ MODEL_SHAPE_KEYS = {"model_type", "vocab_size", "hidden_size", "intermediate_siz
                     "max_position_embeddings", "n_positions", "tie_word_embeddings"}
 
 
+# Recorded, but a resume may change them: another number of workers re-cuts ZeRO's partitions through DeepSpeed's
+# universal checkpoint (`restore`), and global batches keep their rows while global_batch_rows is kept.
+ELASTIC_KEYS = {"num_workers"}
+
+
 def check_resume(recorded: dict, current: dict, where: str) -> None:
-    """Raise naming every key (present in both) on which the checkpoint and this run disagree."""
-    bad = sorted(k for k in recorded.keys() & current.keys() if recorded[k] != current[k])
+    """Raise naming every key (present in both, not elastic) on which the checkpoint and this run disagree."""
+    bad = sorted(k for k in (recorded.keys() & current.keys()) - ELASTIC_KEYS if recorded[k] != current[k])
     if not bad:
         return
     lines = [f"{k}: checkpoint {recorded[k]!r}, this run {current[k]!r}" for k in bad]
     hint = ""
-    if "num_workers" in bad:
-        hint = ("; resuming on another number of workers (elastic ZeRO resume through DeepSpeed's universal "
-                "checkpoint) is not supported yet: keep train.num_workers, or start a new train.run_name")
+    if "global_batch_rows" in bad:
+        hint = ("; to resume on another number of workers keep num_workers x micro_batch_size x grad_accum_steps "
+                "(e.g. double grad_accum_steps when halving num_workers)")
     raise BigrayError(f"cannot resume from {where}: it was written under other settings ({'; '.join(lines)}){hint}")
 
 

@@ -144,7 +144,7 @@ def test_resuming_with_other_settings_fails_before_workers_naming_the_key(refere
 
     ref_cfg, _, _ = reference_run
     window = ref_cfg.train.shuffle_window
-    cases = [({"num_workers": 1, "grad_accum_steps": 2}, r"num_workers: checkpoint 2, this run 1.*elastic"),
+    cases = [({"num_workers": 1}, r"global_batch_rows: checkpoint 16, this run 8.*double grad_accum_steps"),
              ({"shuffle_window": 7}, rf"shuffle_window: checkpoint {window}, this run 7")]
     for update, message in cases:
         cfg = ref_cfg.model_copy(update={"train": ref_cfg.train.model_copy(update=update)})

@@ -80,8 +80,10 @@ def test_resume_keys_name_what_disagrees():
         check_resume(recorded, resume_keys(t, 2, manifest, "fp32"), "ckpt")
     with pytest.raises(BigrayError, match=r"manifest_sha: .*seed: checkpoint 0, this run 1"):
         check_resume(recorded, resume_keys(t.model_copy(update={"seed": 1}), 2, {**manifest, "seq_len": 128}), "c")
-    with pytest.raises(BigrayError, match=r"num_workers: checkpoint 2, this run 1.*elastic .* not supported yet"):
-        check_resume(recorded, resume_keys(t.model_copy(update={"grad_accum_steps": 4}), 1, manifest), "ckpt")
+    # Another number of workers resumes (elastic) as long as a global batch keeps its rows.
+    check_resume(recorded, resume_keys(t.model_copy(update={"grad_accum_steps": 4}), 1, manifest, "bf16"), "ckpt")
+    with pytest.raises(BigrayError, match=r"global_batch_rows: checkpoint 16, this run 8.*double grad_accum_steps"):
+        check_resume(recorded, resume_keys(t, 1, manifest, "bf16"), "ckpt")
 
 
 def test_resume_keys_record_the_model_shape():
