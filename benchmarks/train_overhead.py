@@ -1,4 +1,4 @@
-"""Steps/s of `bigray train` (Ray Train + Ray Data streaming + metrics) against a bare DeepSpeed loop.
+"""Steps/s of `bigray train` (Ray Train + its block reader + metrics) against a bare DeepSpeed loop.
 
 Same model (the `tiny` preset), micro batch, ZeRO stage, precision and process count on both
 sides. The bare loop is `torch.multiprocessing` + gloo + the same engine code
@@ -30,7 +30,7 @@ PREPARE = ["data.inputs=['{stdlib}/json/*.py', '{stdlib}/email/*.py', '{stdlib}/
 def bare_worker(rank: int, world: int, overrides: list[str], rows: np.ndarray, warmup: int, out: str) -> None:
     import torch
 
-    from bigray.train.batches import micro_slice, rank_share
+    from bigray.train.batches import Rows, micro_slice
     from bigray.train.loop import lm_loss, setup_engine
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK=str(rank), WORLD_SIZE=str(world),
@@ -45,9 +45,9 @@ def bare_worker(rank: int, world: int, overrides: list[str], rows: np.ndarray, w
         if step == warmup:
             start = time.perf_counter()
         batch = rows[(step * per_step) % (len(rows) - per_step):][:per_step]
+        mine = Rows(tokens=batch[rank::world], row_ids=np.arange(rank, per_step, world))
         for m in range(t.grad_accum_steps):
-            loss = lm_loss(engine, micro_slice(rank_share(batch, 0, rank, world, t.micro_batch_size), m,
-                                               t.micro_batch_size), torch.device("cpu"))
+            loss = lm_loss(engine, micro_slice(mine, m, t.micro_batch_size), torch.device("cpu"))
             engine.backward(loss)
             engine.step()
     elapsed = time.perf_counter() - start

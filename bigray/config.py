@@ -167,8 +167,14 @@ class TrainConfig(Section):
     eval_batches: int | None = Field(
         None, ge=1, description="global val batches per evaluation; null: the whole val split"
     )
-    shuffle_window: int = Field(
-        4096, ge=1, description="rows shuffled together (seeded) while streaming the train split"
+    shuffle_blocks: int = Field(
+        4, ge=1, description="blocks per shuffle window: each partition permutes the rows of this many blocks (seeded)"
+    )
+    data_partitions: int | None = Field(
+        None,
+        ge=1,
+        description="canonical partitions of the train split (num_workers must divide it; fixed across resumes); "
+        "null: the largest of 240, 120, 60, 48, 24, 16, 12, 8, 4, 2, 1 giving each partition >= 4 blocks",
     )
     activation_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
     compile: bool = Field(False, description="torch.compile the model")
@@ -210,6 +216,11 @@ class TrainConfig(Section):
             )
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.data_partitions is not None and self.data_partitions % self.num_workers:
+            raise ValueError(
+                f"data_partitions ({self.data_partitions}) must be a multiple of num_workers ({self.num_workers}): "
+                "each worker reads whole partitions"
+            )
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision fp16 needs use_gpu=true (CPUs have no fp16 math); use bf16 or fp32 on CPU")
         return self

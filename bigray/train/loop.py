@@ -8,7 +8,6 @@ whether they are due.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import random
@@ -27,7 +26,16 @@ from bigray.config import ModelConfig, TrainConfig, deep_merge
 from bigray.errors import BigrayError
 from bigray.runtime import quiet_ray_console
 from bigray.storage import Store
-from bigray.train.batches import Rows, global_batches, micro_slice, rank_share, table_rows, train_batches
+from bigray.train.batches import (
+    Rows,
+    micro_slice,
+    open_reader,
+    partitions_for,
+    position,
+    train_batches,
+    train_order,
+    val_order,
+)
 from bigray.train.lora import apply_lora, lora_resume_key, save_adapter_config
 from bigray.train.metrics import MetricsLog, memory_gb, mfu, peak_flops
 from bigray.train.model import build_model, flops_per_token, model_config, resolve_attention
@@ -53,6 +61,7 @@ class RunContext:
     precision: str
     resume_keys: dict  # recorded in every checkpoint: what a run resuming it must agree with
     log: MetricsLog | None  # rank 0's metrics.jsonl and TensorBoard; None on other ranks
+    data_order: Any = None  # the train split's DataOrder: each checkpoint records its position in it
 
 
 def train_func(config: dict) -> None:
@@ -75,15 +84,18 @@ def train_func(config: dict) -> None:
     apply_run_hyperparameters(engine, t)
     run = RunContext(train=t, store=store, rank=rank, world=world, device=device, run_dir=config["run_dir"],
                      tokenizer_dir=config["tokenizer_dir"], probe=config["probe"], hf_cfg=hf_cfg, precision=precision,
-                     resume_keys=agree, log=MetricsLog(config["run_dir"], step, store) if rank == 0 else None)
+                     resume_keys=agree, log=MetricsLog(config["run_dir"], step, store) if rank == 0 else None,
+                     data_order=train_order(t, manifest))
     rows_per_step = world * t.micro_batch_size * t.grad_accum_steps
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     window = Window(run, rows_per_step * seq_len, flops_per_token(hf_cfg, n_params, seq_len),
                     peak_flops(_device_name(device), t.peak_tflops))
-    val = ValBatches(ray.train.get_dataset_shard("val"), t, world) if "val" in config["datasets"] else None
-    batches = train_batches(ray.train.get_dataset_shard("train"), t.shuffle_window, t.seed, rows_per_step,
-                            manifest["splits"]["train"]["rows"] // rows_per_step, step, t.max_steps, rank, world,
-                            t.micro_batch_size)
+    # Each rank reads its own partitions' blocks (bigray/train/batches.py): no Ray Data, nothing replayed.
+    root = config["data_root"]
+    val = ValBatches(open_reader(val_order(t, manifest), manifest, "val", root, store, 0, 1), t.eval_batches, rank,
+                     world) if config["has_val"] else None
+    batches = train_batches(open_reader(run.data_order, manifest, "train", root, store, rank, world), step,
+                            t.max_steps)
 
     checkpointer = Checkpointer(run)
     for step, epoch, batch in batches:
@@ -283,23 +295,20 @@ def lm_loss(engine, rows: Rows, device, loss_impl: str = "auto", normalizer=None
 
 
 class ValBatches:
-    """The val split (or its first `eval_batches` global batches), read on first use and kept: evaluation
-    then costs only the forward passes, not a Ray Data execution each time."""
+    """The val split (or its first `limit` global batches), read on first use and kept: evaluation then costs only
+    the forward passes. `reader` reads the whole split (val_order); this rank keeps every world-th row from its own."""
 
-    def __init__(self, iterator, t: TrainConfig, world: int):
-        self.iterator, self.t, self.world = iterator, t, world
+    def __init__(self, reader, limit: int | None, rank: int, world: int):
+        self.reader, self.limit, self.rank, self.world = reader, limit, rank, world
         self.batches: list[Rows] | None = None
 
     def get(self) -> list[Rows]:
         """This rank's Rows of each val batch."""
         if self.batches is None:
-            import ray.train
-
-            tables = self.iterator.iter_batches(batch_size=self.t.shuffle_window, batch_format="pyarrow")
-            per_batch, rank = self.world * self.t.micro_batch_size, ray.train.get_context().get_world_rank()
-            rows = global_batches(map(table_rows, tables), per_batch)
-            self.batches = [rank_share(b, k * per_batch, rank, self.world, self.t.micro_batch_size)
-                            for k, b in enumerate(itertools.islice(rows, self.t.eval_batches))]
+            steps = self.reader.order.epoch(0).steps
+            self.batches = [rows[self.rank::self.world]
+                            for _, _, rows in self.reader.batches(0, min(steps, self.limit or steps))]
+            self.reader.close()
         return self.batches
 
 
@@ -444,7 +453,8 @@ def save_checkpoint(engine, step: int, run: RunContext, out_dir: str) -> None:
         run.store.copy_dir(run.tokenizer_dir, os.path.join(out_dir, "tokenizer"))
         torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, os.path.join(out_dir, "probe.pt"))
         meta = {"step": step, "precision": run.precision, "tag": CKPT_TAG, "zero_stage": run.train.zero_stage,
-                "world_size": run.world, "run_dir": run.run_dir, "resume": run.resume_keys}
+                "world_size": run.world, "run_dir": run.run_dir, "resume": run.resume_keys,
+                "data": position(run.data_order, step) if run.data_order else None}
         with open(os.path.join(out_dir, "bigray.json"), "w") as f:
             json.dump(meta, f)
 
@@ -596,8 +606,9 @@ def resume_keys(t: TrainConfig, world: int, manifest: dict, precision: str | Non
     The model's shape and precision only where known (workers know them, the driver checks the rest first).
     """
     keys = {"zero_stage": t.zero_stage, "num_workers": world,
+            # The data order's inputs (bigray/train/batches.py); not the number of workers.
             "global_batch_rows": world * t.micro_batch_size * t.grad_accum_steps, "seed": t.seed,
-            "shuffle_window": t.shuffle_window,
+            "data_partitions": partitions_for(t, manifest), "shuffle_blocks": t.shuffle_blocks,
             "manifest_sha": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
             "lora": lora_resume_key(t.lora)}
     if precision is not None:

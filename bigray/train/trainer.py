@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,17 +13,20 @@ from dataclasses import dataclass, field
 from ray.train import UserCallback
 
 from bigray.config import Config, ModelConfig, TrainConfig, require
-from bigray.data import load_split, read_manifest
+from bigray.data import read_manifest
 from bigray.errors import BigrayError, ConfigError, DataError
 from bigray.plan import check_fits
 from bigray.runtime import init_ray, resolve_log_level
 from bigray.storage import Store, join
+from bigray.train.batches import DataOrder, train_order, val_order
 from bigray.train.export import ExportResult, checkpoint_uri, committed_checkpoint, export_in_task
 from bigray.train.loop import PROBE_TOKENS, check_resume, resume_keys, train_func
 from bigray.train.lora import check_lora
 from bigray.train.metrics import plot, read_records
 from bigray.train.model import pretrained_vocab
 from bigray.train.zero import worker_env_vars
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,12 +73,7 @@ def plan_run(cfg: Config) -> RunPlan:
     if (pre_vocab := pretrained_vocab(cfg.model, store)) is not None and pre_vocab < vocab:
         raise ConfigError(f"model.pretrained: vocab_size {pre_vocab} is smaller than the tokenizer's {vocab} "
                           f"({manifest_uri})")
-    rows_per_step = t.num_workers * t.micro_batch_size * t.grad_accum_steps
-    train_rows = manifest["splits"]["train"]["rows"]
-    if train_rows < rows_per_step:
-        raise ConfigError(f"train split of {manifest_uri} has {train_rows} rows, fewer than one global batch "
-                          f"(num_workers {t.num_workers} x micro_batch_size {t.micro_batch_size} "
-                          f"x grad_accum_steps {t.grad_accum_steps})")
+    check_data_order(t, manifest, manifest_uri)
     # A GPU config that cannot fit fails here, not as an OOM an hour into the run (no-op on CPU).
     check_fits(t, cfg.model, vocab, manifest["seq_len"], store)
     check_lora(t.lora, cfg.model, store)
@@ -82,8 +81,31 @@ def plan_run(cfg: Config) -> RunPlan:
     run_name = t.run_name or f"bigray-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
     return RunPlan(train=t, model=cfg.model, store=store, manifest=manifest, root=root, storage_path=storage_path,
                    run_name=run_name, run_dir=join(storage_path, run_name),
-                   has_val=manifest["splits"]["val"]["rows"] >= t.num_workers * t.micro_batch_size,
+                   has_val=val_order(t, manifest).epoch(0).steps > 0,
                    log_level=resolve_log_level(cfg.ray))
+
+
+def check_data_order(t: TrainConfig, manifest: dict, manifest_uri: str) -> DataOrder:
+    """The train split's data order, checked: the workers divide its partitions and an epoch has a global batch.
+    Logs the epoch's shape (partitions, global batches, rows left out)."""
+    order = train_order(t, manifest)
+    P, G, n_blocks = order.partitions, order.global_batch, len(order.block_rows)
+    how = "train.data_partitions" if t.data_partitions else f"chosen for the train split's {n_blocks} blocks"
+    if P % t.num_workers:
+        raise ConfigError(f"train.num_workers ({t.num_workers}) must divide the data partitions ({P}, {how}): "
+                          "set train.data_partitions to a multiple of num_workers")
+    if P > n_blocks:
+        raise ConfigError(f"train.data_partitions ({P}) exceeds the train split's {n_blocks} blocks of "
+                          f"{manifest_uri}: a partition owns whole blocks; lower it or leave it null (automatic)")
+    epoch = order.epoch(0)
+    if epoch.steps == 0:
+        raise ConfigError(f"train split of {manifest_uri} has {int(order.block_rows.sum())} rows, fewer than one "
+                          f"global batch (num_workers {t.num_workers} x micro_batch_size {t.micro_batch_size} "
+                          f"x grad_accum_steps {t.grad_accum_steps}) from its {P} partitions ({how})")
+    log.info("train data: %d partitions (%s), windows of %d blocks, %d global batches of %d rows per epoch, "
+             "%d rows (%.2f%%) left out of epoch 0", P, how, t.shuffle_blocks, epoch.steps, G, epoch.dropped_rows,
+             100 * epoch.dropped_rows / max(1, int(order.block_rows.sum())))
+    return order
 
 
 def check_resume_agrees(run: RunPlan) -> None:
@@ -116,13 +138,9 @@ def trainer(run: RunPlan, name: str | None = None, resume_from: str | None = Non
     its own. `checkpoint_config`: a ray.train.CheckpointConfig instead of one keeping train.keep_checkpoints.
     """
     import ray.train
-    from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t, store = run.train, run.store
-    datasets = {"train": load_split(run.root, "train", store)}
-    if run.has_val:
-        datasets["val"] = load_split(run.root, "val", store)
     fs, path = store.filesystem(run.storage_path)
     resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.resources_per_worker}
     return TorchTrainer(
@@ -130,7 +148,7 @@ def trainer(run: RunPlan, name: str | None = None, resume_from: str | None = Non
         # Sections as JSON plus the Store: the worker gets what it needs, not the whole config tree.
         train_loop_config={
             "train": t.model_dump(mode="json"), "model": run.model.model_dump(mode="json"), "store": store,
-            "manifest": run.manifest, "run_dir": run.run_dir, "datasets": sorted(datasets),
+            "manifest": run.manifest, "run_dir": run.run_dir, "data_root": run.root, "has_val": run.has_val,
             "tokenizer_dir": join(run.root, run.manifest["tokenizer"]["path"]), "probe": probe_tokens(run),
             "resume_from": resume_from, "log_level": run.log_level,
         },
@@ -145,11 +163,7 @@ def trainer(run: RunPlan, name: str | None = None, resume_from: str | None = Non
             # Ray starts workers with OMP_NUM_THREADS=1; CPU-side work (offloaded Adam) gets the CPUs reserved.
             worker_runtime_env={"env_vars": worker_env_vars(t)},
         ),
-        datasets=datasets,
-        # Not split: every worker streams the whole split in the same preserved order and takes
-        # its slice of each global batch (bigray/train/batches.py), which makes resume exact.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[],
-                                            execution_options=ExecutionOptions(preserve_order=True)),
+        # No `datasets=`: each worker reads its own partitions' blocks with ranged reads (bigray/train/batches.py).
     )
 
 

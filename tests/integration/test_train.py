@@ -143,9 +143,9 @@ def test_resuming_with_other_settings_fails_before_workers_naming_the_key(refere
     from bigray.train.trainer import train
 
     ref_cfg, _, _ = reference_run
-    window = ref_cfg.train.shuffle_window
+    window = ref_cfg.train.shuffle_blocks
     cases = [({"num_workers": 1}, r"global_batch_rows: checkpoint 16, this run 8.*double grad_accum_steps"),
-             ({"shuffle_window": 7}, rf"shuffle_window: checkpoint {window}, this run 7")]
+             ({"shuffle_blocks": 7}, rf"shuffle_blocks: checkpoint {window}, this run 7")]
     for update, message in cases:
         cfg = ref_cfg.model_copy(update={"train": ref_cfg.train.model_copy(update=update)})
         with pytest.raises(BigrayError, match=message):
