@@ -38,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from bigray.data.manifest import blocks as manifest_blocks
 
@@ -239,7 +240,10 @@ class BlockSource:
     def __init__(self, blocks: list[dict], root: str, store, columns: tuple[str, ...], counter: ReadCounter):
         self.blocks, self.root, self.store, self.columns, self.counter = blocks, root, store, columns, counter
         self.fs, self.base = store.filesystem(root)
-        self.files: dict[str, tuple] = {}  # path -> (open file, size, footer metadata), opened once
+        self.files: dict[str, tuple] = {}  # path -> (open file or None, size, footer metadata)
+        # Remote files stay open (a handle is no socket; opening one costs a HEAD request); local ones are reopened
+        # per block, so a split of many thousand files holds no file descriptors.
+        self.keep_open = not isinstance(self.fs, pafs.LocalFileSystem)
         self.lock = threading.Lock()
 
     def _file(self, path: str):
@@ -258,8 +262,10 @@ class BlockSource:
             tail, tail_len, requests = f.read_at(length, size - length), length, 2
         self.counter.add(bytes=tail_len, footer_bytes=tail_len, requests=requests)
         meta = pq.read_metadata(_Range(size, size - tail_len, tail))
+        if not self.keep_open:
+            f.close()
         with self.lock:
-            self.files.setdefault(path, (f, size, meta))
+            self.files.setdefault(path, (f if self.keep_open else None, size, meta))
             return self.files[path]
 
     def read(self, b: int) -> dict[str, np.ndarray]:
@@ -273,7 +279,11 @@ class BlockSource:
         start = min(c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks)
         end = max((c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset) + c.total_compressed_size
                   for c in chunks)
-        data = f.read_at(end - start, start)
+        if f is None:
+            with self.fs.open_input_file(f"{self.base}/{block['path']}") as local:
+                data = local.read_at(end - start, start)
+        else:
+            data = f.read_at(end - start, start)
         table = pq.ParquetFile(_Range(size, start, data), metadata=meta).read_row_group(
             block["row_group"], columns=list(self.columns))
         out = {}
