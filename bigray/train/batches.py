@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,7 +41,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pyarrow.fs as pafs
 
+from bigray.config import TrainConfig
 from bigray.data.manifest import blocks as manifest_blocks
+from bigray.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Candidates for the partition count when train.data_partitions is null: highly composite, so many worker counts
 # divide them; the largest that leaves every partition at least MIN_BLOCKS_PER_PARTITION blocks is used.
@@ -414,7 +419,7 @@ def train_batches(reader: Reader, start_step: int, max_steps: int) -> Iterator[t
     return reader.batches(start_step, max_steps)
 
 
-def partitions_for(t, manifest: dict) -> int:
+def partitions_for(t: TrainConfig, manifest: dict) -> int:
     """train.data_partitions, or the automatic count for the train split's blocks (None for a manifest without
     blocks, which cannot be trained on: the driver says so)."""
     if t.data_partitions or manifest.get("version", 1) < 2:
@@ -422,13 +427,36 @@ def partitions_for(t, manifest: dict) -> int:
     return auto_partitions(len(manifest_blocks(manifest, "train")))
 
 
-def train_order(t, manifest: dict) -> DataOrder:
+def train_order(t: TrainConfig, manifest: dict) -> DataOrder:
     """The train split's order for TrainConfig `t`: seed, partitions, global batch, shuffle window."""
     return DataOrder.of(manifest_blocks(manifest, "train"), t.seed, partitions_for(t, manifest),
                         t.num_workers * t.micro_batch_size * t.grad_accum_steps, t.shuffle_blocks)
 
 
-def val_order(t, manifest: dict) -> DataOrder:
+def check_data_order(t: TrainConfig, manifest: dict, manifest_uri: str) -> DataOrder:
+    """The train split's data order, checked: the workers divide its partitions and an epoch has a global batch.
+    Logs the epoch's shape (partitions, global batches, rows left out)."""
+    order = train_order(t, manifest)
+    P, G, n_blocks = order.partitions, order.global_batch, len(order.block_rows)
+    how = "train.data_partitions" if t.data_partitions else f"chosen for the train split's {n_blocks} blocks"
+    if P % t.num_workers:
+        raise ConfigError(f"train.num_workers ({t.num_workers}) must divide the data partitions ({P}, {how}): "
+                          "set train.data_partitions to a multiple of num_workers")
+    if P > n_blocks:
+        raise ConfigError(f"train.data_partitions ({P}) exceeds the train split's {n_blocks} blocks of "
+                          f"{manifest_uri}: a partition owns whole blocks; lower it or leave it null (automatic)")
+    epoch = order.epoch(0)
+    if epoch.steps == 0:
+        raise ConfigError(f"train split of {manifest_uri} has {int(order.block_rows.sum())} rows, fewer than one "
+                          f"global batch (num_workers {t.num_workers} x micro_batch_size {t.micro_batch_size} "
+                          f"x grad_accum_steps {t.grad_accum_steps}) from its {P} partitions ({how})")
+    log.info("train data: %d partitions (%s), windows of %d blocks, %d global batches of %d rows per epoch, "
+             "%d rows (%.2f%%) left out of epoch 0", P, how, t.shuffle_blocks, epoch.steps, G, epoch.dropped_rows,
+             100 * epoch.dropped_rows / max(1, int(order.block_rows.sum())))
+    return order
+
+
+def val_order(t: TrainConfig, manifest: dict) -> DataOrder:
     """Validation: its rows in manifest order (one partition, not shuffled), in batches of one micro batch per worker.
     The val split is small, so every rank reads it whole, once, and keeps its stripe (`ValBatches`)."""
     return DataOrder.of(manifest_blocks(manifest, "val"), t.seed, 1, t.num_workers * t.micro_batch_size, 1,

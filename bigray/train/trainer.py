@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,15 +17,13 @@ from bigray.errors import BigrayError, ConfigError, DataError
 from bigray.plan import check_fits
 from bigray.runtime import init_ray, resolve_log_level
 from bigray.storage import Store, join
-from bigray.train.batches import DataOrder, train_order, val_order
+from bigray.train.batches import check_data_order, val_order
 from bigray.train.export import ExportResult, checkpoint_uri, committed_checkpoint, export_in_task
 from bigray.train.loop import PROBE_TOKENS, check_resume, resume_keys, train_func
 from bigray.train.lora import check_lora
 from bigray.train.metrics import plot, read_records
 from bigray.train.model import pretrained_vocab
 from bigray.train.zero import worker_env_vars
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,29 +80,6 @@ def plan_run(cfg: Config) -> RunPlan:
                    run_name=run_name, run_dir=join(storage_path, run_name),
                    has_val=val_order(t, manifest).epoch(0).steps > 0,
                    log_level=resolve_log_level(cfg.ray))
-
-
-def check_data_order(t: TrainConfig, manifest: dict, manifest_uri: str) -> DataOrder:
-    """The train split's data order, checked: the workers divide its partitions and an epoch has a global batch.
-    Logs the epoch's shape (partitions, global batches, rows left out)."""
-    order = train_order(t, manifest)
-    P, G, n_blocks = order.partitions, order.global_batch, len(order.block_rows)
-    how = "train.data_partitions" if t.data_partitions else f"chosen for the train split's {n_blocks} blocks"
-    if P % t.num_workers:
-        raise ConfigError(f"train.num_workers ({t.num_workers}) must divide the data partitions ({P}, {how}): "
-                          "set train.data_partitions to a multiple of num_workers")
-    if P > n_blocks:
-        raise ConfigError(f"train.data_partitions ({P}) exceeds the train split's {n_blocks} blocks of "
-                          f"{manifest_uri}: a partition owns whole blocks; lower it or leave it null (automatic)")
-    epoch = order.epoch(0)
-    if epoch.steps == 0:
-        raise ConfigError(f"train split of {manifest_uri} has {int(order.block_rows.sum())} rows, fewer than one "
-                          f"global batch (num_workers {t.num_workers} x micro_batch_size {t.micro_batch_size} "
-                          f"x grad_accum_steps {t.grad_accum_steps}) from its {P} partitions ({how})")
-    log.info("train data: %d partitions (%s), windows of %d blocks, %d global batches of %d rows per epoch, "
-             "%d rows (%.2f%%) left out of epoch 0", P, how, t.shuffle_blocks, epoch.steps, G, epoch.dropped_rows,
-             100 * epoch.dropped_rows / max(1, int(order.block_rows.sum())))
-    return order
 
 
 def check_resume_agrees(run: RunPlan) -> None:

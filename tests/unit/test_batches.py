@@ -48,7 +48,7 @@ def write_split(root, sizes, block_rows=10, rows_per_shard=40, sft=False) -> lis
     return blocks
 
 
-SIZES = [97, 120, 83, 110, 64, 131, 90, 105]  # 800 rows, 84 blocks (8 short)
+SIZES = [97, 120, 83, 110, 64, 131, 90, 105]  # 800 rows, 83 blocks (7 short)
 
 
 @pytest.fixture(scope="module")
@@ -164,3 +164,24 @@ def test_micro_slices_and_rows_slices_keep_the_columns_together():
     part = rows[1:3]
     assert len(part) == 2 and part.segment_ids is None
     np.testing.assert_array_equal(part.loss_mask, rows.loss_mask[1:3])
+
+
+def test_the_driver_refuses_orders_workers_cannot_share_naming_the_key(split):
+    from bigray.config import load_config
+    from bigray.errors import ConfigError
+    from bigray.train.batches import check_data_order, train_order
+
+    manifest = {"version": 2, "splits": {"train": {"blocks": split[1]}}}
+
+    def train(*overrides):
+        return load_config(overrides=["train.micro_batch_size=4", *overrides]).train
+
+    assert train_order(train(), manifest).partitions == 16  # auto: 83 blocks, >= 4 per partition
+    order = check_data_order(train("train.num_workers=4"), manifest, "m")
+    assert order.global_batch == 16 and order.epoch(0).steps > 0
+    with pytest.raises(ConfigError, match=r"train.num_workers \(3\) must divide the data partitions \(16, chosen"):
+        check_data_order(train("train.num_workers=3"), manifest, "m")
+    with pytest.raises(ConfigError, match=r"train.data_partitions \(120\) exceeds the train split's 83 blocks"):
+        check_data_order(train("train.data_partitions=120"), manifest, "m")
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        check_data_order(train("train.micro_batch_size=1000"), manifest, "m")
