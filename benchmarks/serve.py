@@ -109,7 +109,9 @@ def throughput(url: str, model: str, clients: int, per_client: int, max_tokens: 
 def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats: int, profile=None):
     """Median latency of one greedy completion over HTTP and through an in-process Engine with the replica's settings
     (no proxy, no FastAPI, no JSON), in alternating blocks so that load drifting on a shared machine hits both alike.
-    `profile` (a callable) starts sampling before the last HTTP block and returns a callable that stops it."""
+    `profile` (a callable) starts sampling before the last HTTP block and returns a callable that stops it.
+    Also each path's engine-step time per request (the replica's from /health's step_seconds), which tells the time
+    around the engine (proxy, ASGI, event loops) apart from a slower engine inside the replica."""
     from bigray.serve.engine import SamplingParams
 
     ids = engine.encode(prompt)
@@ -122,8 +124,16 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
             n = ev.completion_tokens
         return n
 
+    def replica_steps() -> tuple[float, int]:
+        conn.request("GET", "/health")
+        state = json.loads(conn.getresponse().read())
+        return state["step_seconds"], state["requests"]
+
+    def per_request(before, after) -> float:
+        return (after[0] - before[0]) / max(1, after[1] - before[1])
+
     async def run():
-        http_t, engine_t, counts = [], [], set()
+        http_t, engine_t, counts, steps = [], [], set(), {"replica": [], "in-process": []}
         await in_process()
         post(conn, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
         for block in range(2):
@@ -131,6 +141,7 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
             # each request and would slow the other path down. Each path keeps its better block median.
             stop_profile = profile() if profile and block == 1 else None
             times = []
+            before = replica_steps()
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 counts.add(
@@ -139,20 +150,23 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
                     ]
                 )
                 times.append(time.perf_counter() - t0)
+            steps["replica"].append(per_request(before, replica_steps()))
             http_t.append(statistics.median(times))
             if stop_profile:
                 stop_profile()
             await asyncio.sleep(0.5)
             times = []
+            before = engine.stats["step_seconds"], engine.stats["requests"]
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 counts.add(await in_process())
                 times.append(time.perf_counter() - t0)
+            steps["in-process"].append(per_request(before, (engine.stats["step_seconds"], engine.stats["requests"])))
             engine_t.append(statistics.median(times))
             await asyncio.sleep(0.5)
-        return min(http_t), min(engine_t), counts
+        return min(http_t), min(engine_t), counts, min(steps["replica"]), min(steps["in-process"])
 
-    out = asyncio.run(run())
+    *out, replica_s, in_process_s = asyncio.run(run())
     # The bare hop: proxy -> router -> replica -> FastAPI -> back, with no model work and a tiny JSON body.
     hop = []
     for _ in range(repeats * 2):
@@ -160,7 +174,7 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
         conn.request("GET", "/health")
         conn.getresponse().read()
         hop.append(time.perf_counter() - t0)
-    return (*out, statistics.median(hop))
+    return (*out, statistics.median(hop), replica_s, in_process_s)
 
 
 def main() -> None:
@@ -226,7 +240,9 @@ def main() -> None:
         engine = Engine(
             model_dir, max_batch_size=32, batch_wait_timeout_s=0.01, num_threads=args.num_cpus, device="cpu"
         )
-        http_s, engine_s, counts, hop_s = overhead(url, "bench", engine, prompt, args.max_tokens, args.repeats)
+        http_s, engine_s, counts, hop_s, steps_replica, steps_local = overhead(
+            url, "bench", engine, prompt, args.max_tokens, args.repeats
+        )
     finally:
         stop()
     ray.shutdown()
@@ -248,6 +264,9 @@ def main() -> None:
         f"-> HTTP overhead {http_s * 1e3 - engine_s * 1e3:.1f} ms = {over:.1%}"
     )
     print(f"of which the bare proxy-to-replica round trip (GET /health) is {hop_s * 1e3:.1f} ms")
+    print(
+        f"engine steps per request: in the replica {steps_replica * 1e3:.1f} ms, in-process {steps_local * 1e3:.1f} ms"
+    )
     ratio = results["batched"][32] / results["unbatched"][32]
     print(
         f"goals: 32-client batching {ratio:.2f}x (>= 6x: {'met' if ratio >= 6 else 'NOT met'}), "
@@ -288,7 +307,7 @@ def variants(args) -> None:
             url = start(cfg, timeout_s=180)
             if args.profile:
                 profile = _profiler(url, Path(args.profile), name)
-            http_s, engine_s, counts, hop_s = overhead(
+            http_s, engine_s, counts, hop_s, steps_replica, steps_local = overhead(
                 url, "bench", engine, prompts(1)[0], args.max_tokens, args.repeats, profile
             )
         except Exception as exc:  # noqa: BLE001 - one setting that does not start must not hide the others
@@ -299,17 +318,20 @@ def variants(args) -> None:
             ray.shutdown()
             for k, v in saved.items():
                 os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        rows.append((name, engine_s, http_s, hop_s))
+        rows.append((name, engine_s, http_s, hop_s, steps_replica, steps_local))
         print(
             f"{name}: in-process {engine_s * 1e3:.1f} ms, HTTP {http_s * 1e3:.1f} ms, hop {hop_s * 1e3:.1f} ms",
             flush=True,
         )
-    print(f"\n{'Serve setting':40} {'engine ms':>10} {'HTTP ms':>8} {'overhead':>15} {'GET /health':>12}")
-    for name, engine_s, http_s, hop_s in rows:
+    print(
+        f"\n{'Serve setting':40} {'engine ms':>10} {'HTTP ms':>8} {'overhead':>15} {'GET /health':>12} "
+        f"{'steps/request replica | in-process':>36}"
+    )
+    for name, engine_s, http_s, hop_s, steps_replica, steps_local in rows:
         over = http_s - engine_s
         print(
             f"{name:40} {engine_s * 1e3:>10.1f} {http_s * 1e3:>8.1f} {over * 1e3:>6.1f} ms {over / engine_s:>6.1%} "
-            f"{hop_s * 1e3:>9.1f} ms"
+            f"{hop_s * 1e3:>9.1f} ms {steps_replica * 1e3:>20.1f} ms | {steps_local * 1e3:.1f} ms"
         )
 
 

@@ -248,6 +248,7 @@ class Engine:
             "cancelled": 0,
             "failed_steps": 0,
             "overloaded": 0,
+            "step_seconds": 0.0,  # time spent in engine steps (the model, sampling, detokenization)
         }
 
     # ---- asyncio side -------------------------------------------------------------------------------------
@@ -413,6 +414,7 @@ class Engine:
                     ok &= self._guarded(self._prefill_chunk, self._fail_prefill)
                 self._drop_finished()
         finally:
+            self.stats["step_seconds"] += time.monotonic() - self._step_started
             self._step_started = None
         if worked and ok:  # an idle turn of the loop proves nothing: it must not end a run of failures
             self._failures = 0

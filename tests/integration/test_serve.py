@@ -424,6 +424,108 @@ def test_metrics_on_rays_metrics_endpoint(server, client):
     assert f'model="{NAME}"' in text
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "killed loop",
+        pytest.param("hung step", marks=pytest.mark.slow),
+        pytest.param("failing steps", marks=pytest.mark.slow),
+    ],
+)
+def test_broken_engine_fails_check_health_and_serve_replaces_the_replica(server, model_dir, fault):
+    """A replica whose engine breaks fails Serve's health check; Serve starts a new replica and the app answers again.
+
+    The fault is put into the live replica through a Serve handle call on a subclass with one extra method; what
+    follows is the real engine's health() and Serve's own replacement."""
+    from ray import serve
+
+    from bigray.serve.app import OpenAIServer
+    from bigray.serve.vllm import deployment_config
+    from bigray.storage import Store
+
+    class Breakable(OpenAIServer.func_or_class):
+        @staticmethod
+        def crash():
+            raise RuntimeError("engine bug (injected)")
+
+        def break_engine(self, how: str) -> int:
+            import time as clock
+
+            engine = self.engine
+            if how == "killed loop":
+                engine.step = self.crash  # the next step raises outside the guarded forward: the thread dies
+            elif how == "hung step":
+                forward = engine.model.forward
+                engine.model.forward = lambda *a, **kw: (clock.sleep(3600), forward(*a, **kw))[1]
+            else:
+                engine.model.forward = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("CUDA error (injected)"))
+            return os.getpid()
+
+    cfg = load_config(
+        overrides=[
+            f"serve.model={model_dir}",
+            f"serve.model_name={NAME}",
+            "serve.num_cpus=0.5",
+            "serve.health_check_period_s=1",
+            "serve.step_timeout_s=2",
+            "serve.max_consecutive_failures=2",
+        ]
+    )
+    s = cfg.serve
+    options = deployment_config(s) | {"ray_actor_options": {"num_cpus": s.num_cpus}}
+    app = serve.deployment(Breakable, name="bigray").options(**options).bind(s.model_dump(mode="json"), Store(), None)
+    handle = serve.run(app, name="bigray-heal", route_prefix="/heal")
+    body = json.dumps({"model": NAME, "prompt": "import", "max_tokens": 4, "temperature": 0}).encode()
+
+    def complete(timeout: float = 60) -> int:
+        req = urllib.request.Request(f"{server}/heal/v1/completions", data=body, headers={"Content-Type": "x"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    def health() -> tuple[int, dict]:
+        try:
+            with urllib.request.urlopen(f"{server}/heal/health", timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            raw = err.read()
+            try:
+                return err.code, json.loads(raw)
+            except ValueError:  # Serve's proxy answers in plain text while no replica is up
+                return err.code, {"text": raw[:200]}
+
+    try:
+        assert complete() == 200
+        broken = handle.break_engine.remote(fault).result(timeout_s=30)
+        if fault == "killed loop":
+            assert complete() == 500  # the request that meets the dead engine fails at once
+            code, state = health()
+            assert code == 503 and state["pid"] == broken and "loop stopped" in state["problem"]
+        else:
+            # A request meets the fault: it hangs (a timeout here) or fails; then the health check fails.
+            with ThreadPoolExecutor(2) as pool:
+                for _ in range(2):
+                    try:
+                        pool.submit(complete, 4).result(timeout=10)
+                    except Exception:  # noqa: BLE001 - a hung request times out: that is the fault
+                        pass
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                code, state = health()
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                code, state = 0, {}
+            if code == 200 and state.get("pid") not in (None, broken):
+                break
+            assert time.monotonic() < deadline, (code, state)
+            time.sleep(0.5)
+        assert complete() == 200 and state["status"] == "ok"
+    finally:
+        serve.delete("bigray-heal")
+
+
 @pytest.mark.slow
 def test_cli_serves_until_sigterm(model_dir, tmp_path):
     """`bigray serve` end to end in its own process and its own local Ray: answers, then exits 0 on SIGTERM."""
