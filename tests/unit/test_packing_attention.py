@@ -3,6 +3,8 @@ packed document, checked against each document run alone through the HF model.""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -150,3 +152,44 @@ def test_flash_attention_gets_one_padding_free_row_with_document_boundaries():
     assert want[len(DOC_LENGTHS) + 1] == row
     np.testing.assert_array_equal(cu_q.numpy(), want)
     assert max_q == 12
+
+
+def test_accumulated_micro_losses_give_the_token_weighted_mean_gradient():
+    """train_step's scaling: micro losses divided by `loss_normalizer`, then by grad_accum (as DeepSpeed does), add up
+    to the gradient of the mean over every counted label of the global batch, not to a mean of per-micro means."""
+    import torch.distributed as dist
+
+    from bigray.runtime import free_port
+    from bigray.train.batches import Rows, micro_slice
+    from bigray.train.loop import loss_normalizer
+
+    rows_a, mask_a, seg_a, _ = packed_row()
+    rows_b, mask_b, seg_b, _ = packed_row((12, 7, 3), pad=0, seed=1)
+    mask_b[:] = 1  # the second micro batch: many more targets than the first
+    rows = Rows(tokens=np.stack([rows_a, rows_b]), loss_mask=np.stack([mask_a, mask_b]),
+                segment_ids=np.stack([seg_a, seg_b]), row_ids=np.arange(2))
+    run = SimpleNamespace(train=SimpleNamespace(micro_batch_size=1, grad_accum_steps=2), world=1,
+                          device=torch.device("cpu"))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        normalizer = loss_normalizer(rows, run)
+    finally:
+        dist.destroy_process_group()
+
+    def grads_of(losses_fn):
+        model = tiny_model()
+        losses_fn(model)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    def batch_loss(model, r: Rows, normalizer=None):
+        s = shift_rows(r.tokens, r.loss_mask, r.segment_ids)
+        return lm_loss(model, torch.from_numpy(s.input_ids), torch.from_numpy(s.labels), "plain",
+                       position_ids=torch.from_numpy(s.position_ids), normalizer=normalizer)
+
+    accumulated = grads_of(lambda model: [(batch_loss(model, micro_slice(rows, m, 1), normalizer) / 2).backward()
+                                          for m in range(2)])
+    whole = grads_of(lambda model: batch_loss(model, rows).backward())
+    per_micro_means = grads_of(lambda model: [(batch_loss(model, micro_slice(rows, m, 1)) / 2).backward()
+                                              for m in range(2)])
+    torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(per_micro_means, whole, rtol=1e-2, atol=1e-4)
