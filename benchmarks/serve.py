@@ -38,11 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # Ray Serve's public performance settings (environment variables read where Ray starts its processes).
 # `RAY_SERVE_THROUGHPUT_OPTIMIZED=1` also turns on direct ingress (replicas listen on their own ports, no proxy
-# on serve.port), which bigray's single-URL start does not use: it is kept off here, the rest of the bundle on.
+# on serve.port), measured on its own as the last variant: the client then talks to the replica's port (pinned
+# through the direct-ingress port range), as an HAProxy in front of the replicas would.
 VARIANTS = {
     "default": {},
     "user code on the replica's main loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
     "throughput-optimized, proxy kept": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
+    "throughput-optimized, direct ingress": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
 }
 
 
@@ -174,6 +176,15 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
         conn.request("GET", "/health")
         conn.getresponse().read()
         hop.append(time.perf_counter() - t0)
+    # The same with a request body the replica reads and parses (an unknown model: 404 before any generation).
+    body = json.dumps({"model": "no-such-model", "prompt": prompt, "max_tokens": max_tokens}).encode()
+    post_hop = []
+    for _ in range(repeats * 2):
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
+        conn.getresponse().read()
+        post_hop.append(time.perf_counter() - t0)
+    print(f"POST answered before generation (404): {statistics.median(post_hop) * 1e3:.1f} ms", flush=True)
     return (*out, statistics.median(hop), replica_s, in_process_s)
 
 
@@ -288,6 +299,13 @@ def variants(args) -> None:
     engine = Engine(model_dir, max_batch_size=32, batch_wait_timeout_s=0.01, num_threads=args.num_cpus, device="cpu")
     rows = []
     for name, env in VARIANTS.items():
+        direct = "direct ingress" in name
+        if direct:
+            replica_port = free_port()
+            env = env | {
+                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(replica_port),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(replica_port + 1),
+            }
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         port = free_port()
@@ -304,7 +322,7 @@ def variants(args) -> None:
         init_ray(cfg.ray)
         profile = None
         try:
-            url = start(cfg, timeout_s=180)
+            url = _start_direct(cfg, replica_port) if direct else start(cfg, timeout_s=180)
             if args.profile:
                 profile = _profiler(url, Path(args.profile), name)
             http_s, engine_s, counts, hop_s, steps_replica, steps_local = overhead(
@@ -333,6 +351,28 @@ def variants(args) -> None:
             f"{name:40} {engine_s * 1e3:>10.1f} {http_s * 1e3:>8.1f} {over * 1e3:>6.1f} ms {over / engine_s:>6.1%} "
             f"{hop_s * 1e3:>9.1f} ms {steps_replica * 1e3:>20.1f} ms | {steps_local * 1e3:.1f} ms"
         )
+
+
+def _start_direct(cfg, replica_port: int, timeout_s: float = 180) -> str:
+    """Deploy with direct ingress (no proxy): the replica serves HTTP on `replica_port`; returns its URL."""
+    from ray import serve
+
+    from bigray.serve import build_app
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(build_app(cfg), name="bigray", route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{replica_port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=10) as resp:
+                if resp.status == 200:
+                    return url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}/health not answering after {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def _profiler(url: str, out: Path, name: str):
