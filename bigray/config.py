@@ -87,6 +87,39 @@ class DataConfig(Section):
         "drop", description="bad JSON / missing field / invalid UTF-8: count and drop, or fail"
     )
     docs_per_task: int = Field(256, ge=1, description="documents per encode batch in a read task (no effect on output)")
+    task: Literal["pretrain", "sft"] = Field(
+        "pretrain",
+        description="pretrain: documents from data.text_field, EOS-joined streams; sft: chat records (messages, "
+        "prompt/completion or instruction/input/output) rendered with a chat template, packed whole with loss_mask",
+    )
+    messages_field: str = Field(
+        "messages", description="sft: record field holding the turns (OpenAI role/content or ShareGPT from/value)"
+    )
+    chat_template: str | None = Field(
+        None,
+        description="sft: Jinja chat template; null: the tokenizer's own, else bigray's default (the one bigray "
+        "serve uses); the template used is saved in <output>/tokenizer",
+    )
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant", description="sft: tokens that are training targets: the assistant turns only, or all"
+    )
+    truncate: Literal["drop", "left", "right"] = Field(
+        "drop",
+        description="sft: a record longer than seq_len + 1 tokens is dropped, or cut on the left (keeps the end) "
+        "or on the right",
+    )
+    pack_boundaries: bool = Field(
+        False,
+        description="pretrain: also write segment_ids (document index within each row) for per-document attention",
+    )
+
+    @model_validator(mode="after")
+    def _consistent_data(self) -> DataConfig:
+        if self.task == "sft" and self.format == "text":
+            raise ValueError("task sft reads records (jsonl, parquet or a datasets dir), not format text")
+        if self.task == "sft" and self.dedup == "minhash":
+            raise ValueError("dedup minhash is for pretraining text; use dedup exact (or none) with task sft")
+        return self
 
     @field_validator("dedup", mode="before")
     @classmethod

@@ -1,8 +1,17 @@
 """Splitting, packing and shard writing: small pure functions over numpy token arrays.
 
-A partition's documents (in input order) form one EOS-joined stream per split, cut into rows of
-seq_len + 1 ids. Rows are written as parquet shards whose row groups each hold `block_rows` rows:
-a block is one row group, fetched by one ranged read of its column chunk (offset, length).
+Pretraining: a partition's documents (in input order) form one EOS-joined stream per split, cut into
+rows of seq_len + 1 ids. SFT: whole documents are packed in input order into rows of seq_len + 1 ids
+(a document that does not fit the row's rest opens the next row), the rest of a row is padding.
+
+Columns beside `tokens` (same fixed length per row):
+- `loss_mask` (uint8): 1 where tokens[i] is a training target, i.e. the label of position i - 1 (labels are
+  tokens[1:]); 0 on prompts and padding. Mask index i refers to token i as a target, never as an input.
+- `segment_ids` (int32): the document index of token i within its row, 0, 1, 2, ...; trailing padding is one
+  more segment (mask 0). A target counts only when tokens[i - 1] is in the same segment, so a row's and each
+  document's first token is never a target.
+Rows are written as parquet shards whose row groups each hold `block_rows` rows: a block is one row group,
+fetched by one ranged read of its column chunks (offset, length spans all of them).
 """
 
 from __future__ import annotations
@@ -67,6 +76,52 @@ def pack(stream: np.ndarray, row_len: int) -> tuple[np.ndarray, int]:
     return stream[: rows * row_len].reshape(rows, row_len), len(stream) - rows * row_len
 
 
+def stream_segments(lengths: np.ndarray, rows: int, row_len: int) -> np.ndarray:
+    """segment_ids of `pack`'s rows of the stream of documents of `lengths`: a document cut by a row's end goes on
+    as segment 0 of the next row."""
+    doc = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)[: rows * row_len].reshape(rows, row_len)
+    return (doc - doc[:, :1]).astype(np.int32)
+
+
+def place_documents(lengths: np.ndarray, row_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(row, offset in row) of each document packed whole and in order; each length must be <= row_len."""
+    rows, offsets = np.empty(len(lengths), dtype=np.int64), np.empty(len(lengths), dtype=np.int64)
+    row, used = 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if used + n > row_len:
+            row, used = row + 1, 0
+        rows[i], offsets[i] = row, used
+        used += n
+    return rows, offsets
+
+
+def pack_documents(tokens: np.ndarray, mask: np.ndarray, lengths: np.ndarray, row_len: int,
+                   pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(tokens, loss_mask, segment_ids, padding tokens) of whole documents packed into rows of `row_len`.
+
+    `tokens` and `mask` are the documents back to back (`lengths` each); padding is `pad_id` with mask 0 and a
+    segment of its own.
+    """
+    if len(lengths) == 0:
+        empty = np.zeros((0, row_len), dtype=np.int32)
+        return empty.astype(tokens.dtype), empty.astype(np.uint8), empty, 0
+    row, offset = place_documents(lengths, row_len)
+    n_rows = int(row[-1]) + 1
+    total = int(lengths.sum())
+    starts = np.cumsum(lengths) - lengths
+    at = np.repeat(row * row_len + offset - starts, lengths) + np.arange(total, dtype=np.int64)
+    out_tokens = np.full(n_rows * row_len, pad_id, dtype=tokens.dtype)
+    out_tokens[at] = tokens
+    out_mask = np.zeros(n_rows * row_len, dtype=np.uint8)
+    out_mask[at] = mask
+    docs_per_row = np.bincount(row, minlength=n_rows)
+    first_doc = np.cumsum(docs_per_row) - docs_per_row
+    out_seg = np.repeat(docs_per_row, row_len).astype(np.int32)  # padding: the segment after the row's last document
+    out_seg[at] = np.repeat(np.arange(len(lengths)) - first_doc[row], lengths)
+    shape = (n_rows, row_len)
+    return out_tokens.reshape(shape), out_mask.reshape(shape), out_seg.reshape(shape), n_rows * row_len - total
+
+
 @dataclass(frozen=True)
 class Shard:
     """One parquet file's bytes and what the manifest says about it and its blocks."""
@@ -77,18 +132,21 @@ class Shard:
     blocks: list[dict]
 
 
-def shards(rows: np.ndarray, prefix: str, rows_per_shard: int, block_rows: int) -> list[Shard]:
+def shards(rows: np.ndarray, prefix: str, rows_per_shard: int, block_rows: int,
+           extra: dict[str, np.ndarray] | None = None) -> list[Shard]:
     """`rows` as parquet files `<prefix>-NNN.parquet`, each made of row groups (blocks) of `block_rows` rows.
 
+    `extra` columns (loss_mask, segment_ids: same shape as `rows`) are written after `tokens`.
     `rows_per_shard` is rounded down to whole blocks, so only a file's last block may be short.
     """
     per_shard = max(block_rows, rows_per_shard // block_rows * block_rows)
+    columns = {"tokens": rows, **(extra or {})}
     out = []
     for k, first in enumerate(range(0, len(rows), per_shard)):
         part = rows[first: first + per_shard]
         name = f"{prefix}-{k:03d}.parquet"
-        values = pa.array(part.reshape(-1))
-        table = pa.table({"tokens": pa.FixedSizeListArray.from_arrays(values, part.shape[1])})
+        table = pa.table({c: pa.FixedSizeListArray.from_arrays(pa.array(v[first: first + per_shard].reshape(-1)),
+                                                               v.shape[1]) for c, v in columns.items()})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd", row_group_size=block_rows)
         data = sink.getvalue().to_pybytes()
@@ -97,13 +155,15 @@ def shards(rows: np.ndarray, prefix: str, rows_per_shard: int, block_rows: int) 
 
 
 def block_ranges(data: bytes, name: str) -> list[dict]:
-    """Each row group's rows and the byte range of its (only) column chunk: one ranged read fetches a block."""
+    """Each row group's rows and the byte range of its column chunks: one ranged read fetches a block."""
     meta = pq.read_metadata(pa.BufferReader(data))
     blocks = []
     for g in range(meta.num_row_groups):
         group = meta.row_group(g)
-        column = group.column(0)
-        offset = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+        chunks = [group.column(c) for c in range(group.num_columns)]
+        starts = [c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks]
+        offset = min(starts)
+        end = max(s + c.total_compressed_size for s, c in zip(starts, chunks))
         blocks.append({"id": f"{name.removesuffix('.parquet')}:{g}", "path": name, "row_group": g,
-                       "rows": group.num_rows, "offset": offset, "length": column.total_compressed_size})
+                       "rows": group.num_rows, "offset": offset, "length": end - offset})
     return blocks

@@ -1,14 +1,20 @@
 """Find input files and turn them into documents, counting (or failing on) bad records.
 
 Every document has a position: its file's index in the sorted input list and its record key in
-that file (line number for jsonl, row for parquet, 0 for a text file), packed into one int64 that
-sorts in input order. Positions make dedup keep the first occurrence and make the output
+that file (line number for jsonl, row for parquet and arrow, 0 for a text file), packed into one int64
+that sorts in input order. Positions make dedup keep the first occurrence and make the output
 independent of how files are grouped into tasks. `where` ("file:line", "file#row", "file") names
 a document's source in errors and drop examples.
+
+Hugging Face `datasets` inputs become input files too: a dir written by `save_to_disk` (local or s3://) is
+its Arrow files (state.json lists them), and `hf:org/name[:split]` is the Arrow cache files of
+`datasets.load_dataset` run offline. Read tasks stream their record batches like any other file, so the
+dataset never passes through the driver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
@@ -23,10 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from bigray.config import DataConfig
+from bigray.data.sft import BadRecord, ChatFormat, render, to_messages
 from bigray.errors import DataError
-from bigray.storage import Store
+from bigray.storage import Store, join
 
-_EXT_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
+_EXT_FORMAT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+HF_PREFIX = "hf:"
 _CHUNK = 4 << 20
 # Input bytes per read task: a read task holds its tokens until the write tasks take them.
 READ_TASK_BYTES = 64 << 20
@@ -63,7 +71,7 @@ def position(file_index: int, key: int) -> int:
 def where_of(files: list[InputFile], pos: int) -> str:
     """The `where` of the document at `pos` (the inverse of `position`, as `records` names it)."""
     f, key = files[pos >> KEY_BITS], pos & ((1 << KEY_BITS) - 1)
-    return {"jsonl": f"{f.uri}:{key}", "parquet": f"{f.uri}#{key}"}.get(f.format, f.uri)
+    return {"jsonl": f"{f.uri}:{key}", "parquet": f"{f.uri}#{key}", "arrow": f"{f.uri}#{key}"}.get(f.format, f.uri)
 
 
 def resolve_inputs(data: DataConfig, store: Store) -> list[InputFile]:
@@ -74,6 +82,10 @@ def resolve_inputs(data: DataConfig, store: Store) -> list[InputFile]:
     exclude = [p.replace("{stdlib}", stdlib_dir()) for p in data.exclude]
     for pattern in data.inputs:
         pattern = pattern.replace("{stdlib}", stdlib_dir())
+        arrow = hub_dataset_files(pattern) if pattern.startswith(HF_PREFIX) else saved_dataset_files(pattern, store)
+        if arrow is not None:
+            seen.update((uri, InputFile(uri, "arrow", 0)) for uri in arrow if uri not in seen)
+            continue
         uris = [u for u in store.expand(pattern) if not any(fnmatch.fnmatchcase(u, x) for x in exclude)]
         if not uris:
             raise DataError(f"{pattern}: matched no files" + (" (after data.exclude)" if exclude else ""))
@@ -85,6 +97,59 @@ def resolve_inputs(data: DataConfig, store: Store) -> list[InputFile]:
     if len(seen) >= 1 << (63 - KEY_BITS):
         raise DataError(f"data.inputs: {len(seen):,} files; at most {1 << (63 - KEY_BITS):,} (concatenate small files)")
     return [InputFile(f.uri, f.format, _size(f.uri, store)) for f in seen.values()]
+
+
+def saved_dataset_files(path: str, store: Store) -> list[str] | None:
+    """The Arrow files of a `Dataset.save_to_disk` dir (a `DatasetDict` dir: its train split), else None."""
+    if any(c in path for c in "*?[") or not store.exists(join(path, "dataset_info.json")) and not store.exists(
+            join(path, "dataset_dict.json")):
+        return None
+    if store.exists(join(path, "dataset_dict.json")):
+        splits = json.loads(store.read_text(join(path, "dataset_dict.json"))).get("splits", [])
+        if "train" not in splits:
+            raise DataError(f"{path}: a DatasetDict without a train split (splits: {splits}); "
+                            f"name one split's dir in data.inputs, e.g. {join(path, splits[0] if splits else 'SPLIT')}")
+        path = join(path, "train")
+    try:
+        state = json.loads(store.read_text(join(path, "state.json")))
+        names = [f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: not a readable datasets save_to_disk dir (state.json: {exc})") from None
+    return [join(path, n) for n in names]
+
+
+def hub_dataset_files(spec: str) -> list[str]:
+    """The cached Arrow files of `hf:org/name[:split]` (split defaults to train), loaded offline."""
+    name, _, split = spec.removeprefix(HF_PREFIX).partition(":")
+    split = split or "train"
+    try:
+        with _datasets_offline() as datasets:
+            ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises a zoo of types for "not cached"; all mean the same here
+        raise DataError(f"{spec}: not in the local datasets cache (offline; {type(exc).__name__}: {exc}); "
+                        f"download it once where the hub is reachable (datasets.load_dataset({name!r})), or "
+                        "save_to_disk it and give that dir") from None
+    files = [f["filename"] for f in ds.cache_files]
+    if not files:
+        raise DataError(f"{spec}: the dataset is held in memory, not in cache files; save_to_disk it and give that dir")
+    return files
+
+
+@contextlib.contextmanager
+def _datasets_offline():
+    """`datasets` with HF_DATASETS_OFFLINE=1 semantics for the duration of the block.
+
+    datasets reads the environment once, at import, so setting the variable now would not reach an already
+    imported module: its config flag is switched and restored instead.
+    """
+    import datasets
+
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield datasets
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
 
 
 def _size(uri: str, store: Store) -> int:
@@ -126,8 +191,13 @@ def _lines(stream) -> Iterator[bytes]:
         yield rest
 
 
-def records(f: InputFile, text_field: str, store: Store) -> Iterator[tuple[int, str | None, str, str | None]]:
-    """(key, text, where, drop_reason) for each record of one file, keys increasing."""
+def records(
+    f: InputFile, text_field: str | None, store: Store
+) -> Iterator[tuple[int, str | dict | None, str, str | None]]:
+    """(key, text, where, drop_reason) for each record of one file, keys increasing.
+
+    `text_field` None yields whole records (dicts) instead of one text field: SFT records (not for text files).
+    """
     fs, path = store.filesystem(f.uri)
     if f.format == "text":
         with fs.open_input_stream(path) as stream:
@@ -150,6 +220,9 @@ def records(f: InputFile, text_field: str, store: Store) -> Iterator[tuple[int, 
                 except json.JSONDecodeError:
                     yield lineno, None, where, "invalid_json"
                     continue
+                if text_field is None:
+                    yield lineno, record, where, None if isinstance(record, dict) else "missing_field"
+                    continue
                 value = record.get(text_field) if isinstance(record, dict) else None
                 if not isinstance(value, str):
                     yield lineno, None, where, "missing_field"
@@ -157,13 +230,24 @@ def records(f: InputFile, text_field: str, store: Store) -> Iterator[tuple[int, 
                     yield lineno, value, where, None
     else:
         with fs.open_input_file(path) as handle:
-            pf = pq.ParquetFile(handle)
-            if text_field not in pf.schema_arrow.names:
-                raise DataError(f"{f.uri}: parquet file has no column {text_field!r} (data.text_field); "
-                                f"columns: {pf.schema_arrow.names}")
+            if f.format == "arrow":  # datasets writes the IPC stream format
+                reader = pa.ipc.open_stream(handle)
+                names, batches = reader.schema.names, iter(reader)
+            else:
+                pf = pq.ParquetFile(handle)
+                names = pf.schema_arrow.names
+                batches = pf.iter_batches(columns=None if text_field is None else [text_field])
+            if text_field is not None and text_field not in names:
+                raise DataError(f"{f.uri}: {f.format} file has no column {text_field!r} (data.text_field); "
+                                f"columns: {names}")
             row = 0
-            for batch in pf.iter_batches(columns=[text_field]):
-                column = batch.column(0)
+            for batch in batches:
+                if text_field is None:
+                    for value in batch.to_pylist():
+                        yield row, value, f"{f.uri}#{row}", None
+                        row += 1
+                    continue
+                column = batch.column(text_field)
                 if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
                     raise DataError(f"{f.uri}: column {text_field!r} has type {column.type}, expected string")
                 for value in column.to_pylist():
@@ -172,22 +256,30 @@ def records(f: InputFile, text_field: str, store: Store) -> Iterator[tuple[int, 
 
 
 def documents(
-    files: list[InputFile], indices: list[int], data: DataConfig, store: Store
-) -> Iterator[tuple[int, str | None, str, str | None]]:
-    """(position, cleaned text, where, drop_reason) for every record of `files[i]` for i in `indices`, in order.
+    files: list[InputFile], indices: list[int], data: DataConfig, store: Store, fmt: ChatFormat | None = None
+) -> Iterator[tuple[int, str | tuple | None, str, str | None]]:
+    """(position, document, where, drop_reason) for every record of `files[i]` for i in `indices`, in order.
 
-    Raises DataError naming the file (and line) for unreadable files and, with on_bad_record=error, bad records.
+    A document is the cleaned text (pretrain) or, with `fmt` (sft), the rendered record's (text, is_target)
+    pieces. Raises DataError naming the file (and line) for unreadable files and, with on_bad_record=error,
+    bad records.
     """
     for i in indices:
         f = files[i]
         try:
-            for key, text, where, reason in records(f, data.text_field, store):
-                if reason and data.on_bad_record == "error":
+            for key, doc, where, reason in records(f, None if fmt else data.text_field, store):
+                if reason is None and fmt is None:
+                    doc, reason = clean(doc, data.min_chars)
+                elif reason is None:
+                    try:
+                        doc = render(to_messages(doc, fmt.messages_field), fmt)
+                        reason = "too_short" if sum(len(t) for t, _ in doc) < data.min_chars else None
+                    except BadRecord as bad:
+                        doc, reason = None, bad.reason
+                if reason and data.on_bad_record == "error" and reason != "too_short":
                     raise DataError(f"{where}: bad record ({reason.replace('_', ' ')}); "
                                     "set data.on_bad_record=drop to count and skip such records")
-                if reason is None:
-                    text, reason = clean(text, data.min_chars)
-                yield position(i, key), text, where, reason
+                yield position(i, key), doc, where, reason
         except DataError:
             raise
         except (OSError, pa.ArrowException) as exc:

@@ -16,9 +16,10 @@ import numpy as np
 from bigray.config import Config, DataConfig, require
 from bigray.data.pack import unit_draw
 from bigray.data.read import InputFile, content_hash, documents, read_groups, resolve_inputs
+from bigray.data.sft import ChatFormat
 from bigray.errors import DataError
 from bigray.runtime import init_ray
-from bigray.storage import Store, is_remote
+from bigray.storage import Store, is_remote, join
 
 EOS = "<|endoftext|>"
 
@@ -33,6 +34,8 @@ class TokenizerInfo:
     vocab_size: int
     eos_id: int
     sha256: str
+    chat_template: str | None = None  # the dir's own template, if it has one
+    special_tokens: tuple[tuple[str, str], ...] = ()  # (name, token): eos_token, bos_token, ... as templates see them
 
 
 def train_tokenizer(cfg: Config) -> TokenizerInfo:
@@ -45,10 +48,12 @@ def train_tokenizer(cfg: Config) -> TokenizerInfo:
     return load_tokenizer(out_uri, store)
 
 
-def fit_tokenizer(data: DataConfig, store: Store, out_uri: str, files: list[InputFile]) -> str:
+def fit_tokenizer(data: DataConfig, store: Store, out_uri: str, files: list[InputFile],
+                  fmt: ChatFormat | None = None) -> str:
     """Train a byte-level BPE on a seeded `data.tokenizer_sample_mb` sample of `files`; returns `out_uri`.
 
     Read tasks draw the sample and one task trains on it and saves it: no text passes through the driver.
+    SFT records (`fmt`) are sampled as rendered by their chat template.
     """
     import ray
 
@@ -56,16 +61,17 @@ def fit_tokenizer(data: DataConfig, store: Store, out_uri: str, files: list[Inpu
     rate = min(1.0, data.tokenizer_sample_mb * (1 << 20) / total)
     files_ref = ray.put(files)
     sample = ray.remote(sample_task)
-    samples = [sample.remote(files_ref, g, data, store, rate) for g in read_groups(files)]
+    samples = [sample.remote(files_ref, g, data, store, rate, fmt) for g in read_groups(files)]
     return ray.get(ray.remote(fit_task).remote(data.vocab_size, store, out_uri, *samples))
 
 
-def sample_task(files: list[InputFile], indices: list[int], data: DataConfig, store: Store, rate: float) -> list[str]:
+def sample_task(files: list[InputFile], indices: list[int], data: DataConfig, store: Store, rate: float,
+                fmt: ChatFormat | None = None) -> list[str]:
     """Ray task: the documents of `files[indices]` drawn into the tokenizer sample (seeded by content)."""
     out, texts = [], []
-    for _, text, _, reason in itertools.chain(documents(files, indices, data, store), [(0, None, "", "end")]):
+    for _, doc, _, reason in itertools.chain(documents(files, indices, data, store, fmt), [(0, None, "", "end")]):
         if reason is None:
-            texts.append(text)
+            texts.append(doc if fmt is None else "".join(text for text, _ in doc))
         if texts and (len(texts) >= data.docs_per_task or reason == "end"):
             draws = unit_draw(np.array([content_hash(t) for t in texts], dtype=np.uint64), data.seed + 1)
             out.extend(t for t, d in zip(texts, draws) if d < rate)
@@ -124,7 +130,22 @@ def load_tokenizer(uri: str, store: Store) -> TokenizerInfo:
     if tok.eos_token_id is None:
         raise DataError(f"data.tokenizer: {uri} defines no eos_token; documents are joined with EOS")
     text = tok.backend_tokenizer.to_str()
-    return TokenizerInfo(uri, text, local, len(tok), tok.eos_token_id, hashlib.sha256(text.encode()).hexdigest())
+    template = tok.chat_template
+    if isinstance(template, dict):  # a dir with several named templates: "default" is the one apply_chat_template uses
+        template = template.get("default")
+    specials = tuple(sorted((k, v) for k, v in tok.special_tokens_map.items() if isinstance(v, str)))
+    return TokenizerInfo(uri, text, local, len(tok), tok.eos_token_id, hashlib.sha256(text.encode()).hexdigest(),
+                         template, specials)
+
+
+def save_chat_template(uri: str, template: str, store: Store) -> None:
+    """Make `template` the chat template of the tokenizer dir at `uri` (what AutoTokenizer and bigray serve load)."""
+    cfg_uri = join(uri, "tokenizer_config.json")
+    cfg = json.loads(store.read_text(cfg_uri))
+    cfg["chat_template"] = template
+    store.write_text(cfg_uri, json.dumps(cfg, indent=2))
+    # transformers prefers chat_template.jinja over the config's key when both exist: keep them equal.
+    store.write_text(join(uri, "chat_template.jinja"), template)
 
 
 @functools.lru_cache(maxsize=2)

@@ -6,7 +6,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bigray.data.pack import block_rows_for, gather, is_val, pack, partition_of, shards, splitmix64, token_dtype
+from bigray.data.pack import (
+    block_rows_for,
+    gather,
+    is_val,
+    pack,
+    pack_documents,
+    partition_of,
+    place_documents,
+    shards,
+    splitmix64,
+    stream_segments,
+    token_dtype,
+)
 
 
 def read_with_one_range(data: bytes, block: dict) -> pa.Table:
@@ -78,3 +90,55 @@ def test_partitions_are_balanced_and_independent_of_the_split():
 
 def test_token_dtype_is_compact():
     assert token_dtype(50_257) == np.uint16 and token_dtype(65_536) == np.uint16 and token_dtype(128_256) == np.uint32
+
+
+def test_documents_pack_whole_and_in_order_with_padding_of_its_own_segment():
+    lengths = np.array([3, 4, 2, 5, 2])
+    tokens = np.arange(1, lengths.sum() + 1, dtype=np.uint16)  # 1..16, 0 is the pad id
+    mask = (tokens % 2).astype(np.uint8)
+    rows, offsets = place_documents(lengths, 8)
+    assert rows.tolist() == [0, 0, 1, 1, 2] and offsets.tolist() == [0, 3, 0, 2, 0]
+    t, m, seg, pad = pack_documents(tokens, mask, lengths, 8, pad_id=0)
+    assert t.shape == m.shape == seg.shape == (3, 8) and m.dtype == np.uint8 and seg.dtype == np.int32
+    np.testing.assert_array_equal(t, [[1, 2, 3, 4, 5, 6, 7, 0], [8, 9, 10, 11, 12, 13, 14, 0],
+                                      [15, 16, 0, 0, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(seg, [[0, 0, 0, 1, 1, 1, 1, 2], [0, 0, 1, 1, 1, 1, 1, 2], [0, 0, 1, 1, 1, 1, 1, 1]])
+    np.testing.assert_array_equal(m[t != 0], mask)  # each token keeps its own mask bit
+    assert not m[t == 0].any() and pad == 24 - 16
+    np.testing.assert_array_equal(t[t != 0], tokens)
+
+
+def test_a_row_filled_exactly_has_no_padding_segment():
+    t, m, seg, pad = pack_documents(np.arange(1, 9, dtype=np.uint16), np.ones(8, np.uint8), np.array([5, 3]), 8, 0)
+    assert pad == 0 and seg.tolist() == [[0] * 5 + [1] * 3]
+    empty = pack_documents(np.zeros(0, np.uint16), np.zeros(0, np.uint8), np.zeros(0, np.int64), 8, 0)
+    assert empty[0].shape == (0, 8) and empty[3] == 0
+
+
+def test_stream_segments_restart_in_each_row():
+    lengths = np.array([3, 7, 2, 4])  # stream of 16 tokens, rows of 5: the last token is the tail
+    rows, tail = pack(np.arange(16, dtype=np.uint16), 5)
+    seg = stream_segments(lengths, len(rows), 5)
+    assert tail == 1 and seg.dtype == np.int32
+    # doc of each token: 0 0 0 1 1 | 1 1 1 1 1 | 2 2 3 3 3 (| 3)
+    np.testing.assert_array_equal(seg, [[0, 0, 0, 1, 1], [0, 0, 0, 0, 0], [0, 0, 1, 1, 1]])
+
+
+def test_extra_columns_share_the_block_byte_range():
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, 300, size=(100, 17)).astype(np.uint16)
+    extra = {"loss_mask": rng.integers(0, 2, size=rows.shape).astype(np.uint8),
+             "segment_ids": np.sort(rng.integers(0, 4, size=rows.shape), axis=1).astype(np.int32)}
+    written = shards(rows, "train-00000", rows_per_shard=64, block_rows=32, extra=extra)
+    table = pq.read_table(pa.BufferReader(written[0].data))
+    assert table.schema.names == ["tokens", "loss_mask", "segment_ids"]
+    assert table.schema.field("loss_mask").type == pa.list_(pa.uint8(), 17)
+    assert table.schema.field("segment_ids").type == pa.list_(pa.int32(), 17)
+    back = {c: [] for c in table.schema.names}
+    for shard in written:
+        for block in shard.blocks:
+            part = read_with_one_range(shard.data, block)
+            for c in back:
+                back[c].append(np.stack(part[c].to_numpy(zero_copy_only=False)))
+    for c, expected in {"tokens": rows, **extra}.items():
+        np.testing.assert_array_equal(np.concatenate(back[c]), expected)

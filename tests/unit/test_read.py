@@ -69,3 +69,52 @@ def test_group_files_cuts_consecutive_runs_by_bytes():
     assert group_files(files, 2) == [[0, 1, 2, 3], [4, 5, 6]]
     assert group_files(files, 100) == [[i] for i in range(7)]
     assert group_files(files, 1) == [list(range(7))]
+
+
+def test_saved_datasets_are_their_arrow_files_read_row_by_row(tmp_path):
+    import datasets
+
+    rows = {"text": ["a", "b", None], "messages": [[{"role": "user", "content": "hi"}]] * 3}
+    ds = datasets.Dataset.from_dict(rows)
+    ds.save_to_disk(str(tmp_path / "one"), num_shards=2)
+    datasets.DatasetDict({"train": ds, "test": ds}).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "nodefault"))
+
+    files = resolve_inputs(DataConfig(inputs=[str(tmp_path / "one"), str(tmp_path / "dict")]), Store())
+    assert [(f.uri.removeprefix(str(tmp_path)), f.format) for f in files] == [
+        ("/one/data-00000-of-00002.arrow", "arrow"), ("/one/data-00001-of-00002.arrow", "arrow"),
+        ("/dict/train/data-00000-of-00001.arrow", "arrow")]
+    assert files[0].size > 0
+    texts = [r for f in files[:2] for r in records(f, "text", Store())]
+    assert [(k, t, r) for k, t, _, r in texts] == [(0, "a", None), (1, "b", None), (0, None, "missing_field")]
+    assert texts[1][2] == f"{files[0].uri}#1"
+    whole = list(records(files[2], None, Store()))
+    assert [r[1] for r in whole] == ds.to_list()
+    with pytest.raises(DataError, match="without a train split.*nodefault/test"):
+        resolve_inputs(DataConfig(inputs=[str(tmp_path / "nodefault")]), Store())
+
+
+def test_hub_ids_load_offline_from_the_cache_or_say_so(tmp_path, monkeypatch):
+    """hf:org/name is found in the datasets cache (a hub-style cache entry built here); anything else is a DataError."""
+    import shutil
+
+    import datasets
+
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"prompt": f"p{i}", "completion": "c"}) + "\n" for i in range(5)))
+    built = datasets.load_dataset("json", data_files=str(src), split="train", cache_dir=str(tmp_path / "build"))
+    entry = tmp_path / "cache" / "org___name" / "default" / "0.0.0" / "abc"
+    entry.mkdir(parents=True)
+    shutil.copy(built.cache_files[0]["filename"], entry / "name-train.arrow")
+    info = json.loads((tmp_path / "build").glob("json/*/0.0.0/*/dataset_info.json").__next__().read_text())
+    (entry / "dataset_info.json").write_text(json.dumps({**info, "config_name": "default", "builder_name": "name",
+                                                         "dataset_name": "name"}))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+    files = resolve_inputs(DataConfig(inputs=["hf:org/name:train"]), Store())
+    assert [(f.uri, f.format) for f in files] == [(str(entry / "name-train.arrow"), "arrow")]
+    assert [r[1] for r in records(files[0], None, Store())] == built.to_list()
+    assert datasets.config.HF_HUB_OFFLINE is False, "offline mode is switched on only while loading"
+    with pytest.raises(DataError, match="hf:org/missing: not in the local datasets cache"):
+        resolve_inputs(DataConfig(inputs=["hf:org/missing"]), Store())
