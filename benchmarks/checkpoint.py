@@ -1,13 +1,14 @@
-"""What checkpointing costs training: the same run with no intermediate checkpoints, SYNC and ASYNC uploads.
+"""What checkpointing costs training: the same run with no intermediate checkpoints, SYNC and ASYNC uploads,
+and ASYNC with the files written by a background thread (`train.checkpoint_write=background`).
 
-Three `bigray train` runs, identical but for `train.checkpoint_every` / `train.checkpoint_upload`, with
+Four `bigray train` runs, identical but for `train.checkpoint_every` / `_upload` / `_write`, with
 storage in a local S3 server (moto, loopback), the `125m` preset under ZeRO-2 on 2 CPU workers. Every
 run checkpoints at its last step (bigray always does), so the difference of wall times between a run
 and the no-checkpoint one is the cost of its intermediate checkpoints as seen by training. Step time is
 the mean `step_time_s` of the no-checkpoint run. Printed side by side from one invocation; the box is
 shared, so expect noise of a few seconds in each wall time.
 
-    python benchmarks/checkpoint.py [--steps 24 --every 8 --preset 125m]
+    python benchmarks/checkpoint.py [--steps 24 --every 8 --preset 125m --modes none,sync,async,background]
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--preset", default="125m")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=1)
+    parser.add_argument("--modes", default="none,sync,async,background", help="none is needed: the baseline")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -73,9 +75,12 @@ def main() -> None:
               f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}", "train.log_every=1",
               f"train.eval_every={args.steps}", "train.warmup_steps=2", "train.keep_checkpoints=1",
               "train.export=false"]
+    every = f"train.checkpoint_every={args.every}"
     modes = {"none": [f"train.checkpoint_every={args.steps}"],
-             "sync": [f"train.checkpoint_every={args.every}", "train.checkpoint_upload=sync"],
-             "async": [f"train.checkpoint_every={args.every}", "train.checkpoint_upload=async"]}
+             "sync": [every, "train.checkpoint_upload=sync"],
+             "async": [every, "train.checkpoint_upload=async"],
+             "background": [every, "train.checkpoint_upload=async", "train.checkpoint_write=background"]}
+    modes = {mode: modes[mode] for mode in args.modes.split(",")}
     walls, step_time = {}, None
     for mode, overrides in modes.items():
         out = train(load_config(overrides=[*common, f"train.run_name={mode}", *overrides]))
@@ -84,7 +89,7 @@ def main() -> None:
             timed = out.records[1:]  # the first step carries warm-up
             step_time = sum(r["step_time_s"] for r in timed) / len(timed)
     ray.shutdown()
-    fs, path = Store().filesystem(f"{RUNS}/sync")
+    fs, path = Store().filesystem(f"{RUNS}/{list(modes)[-1]}")
     size = sum(i.size for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                if i.type == pafs.FileType.File and "/checkpoint_" in i.path)
     server.stop()
@@ -98,7 +103,7 @@ def main() -> None:
         extra = walls[mode] - walls["none"]
         per = f" | +{extra / n:.1f} s per checkpoint, +{100 * extra / (args.steps * step_time):.1f}% on the run's " \
             "step time" if mode != "none" else ""
-        print(f"{mode:>5}: wall {walls[mode]:.1f} s, {args.steps / walls[mode]:.3f} steps/s (incl. start-up){per}")
+        print(f"{mode:>10}: wall {walls[mode]:.1f} s, {args.steps / walls[mode]:.3f} steps/s (incl. start-up){per}")
 
 
 if __name__ == "__main__":
