@@ -51,8 +51,22 @@ def wrap(module, config, base_model: str | None):
 
 
 def apply_lora(module, lora: LoraConfig, model: ModelConfig):
-    """LoRA adapters on the HF model, its own weights frozen: only the adapters train and reach the optimizer."""
-    return wrap(module, peft_config(lora), base_reference(model.pretrained))
+    """LoRA adapters on the HF model, its own weights frozen: only the adapters train and reach the optimizer.
+
+    The wrapped model's state_dict holds the adapters only, so DeepSpeed's checkpoint does too.
+    """
+    peft_model = wrap(module, peft_config(lora), base_reference(model.pretrained))
+    # DeepSpeed's exclude_frozen_parameters drops frozen names from named_parameters(), which lists a tied weight
+    # once: the other name (lm_head.weight, tied to the embeddings) stayed, a vocab x hidden matrix in every
+    # ZeRO-2 checkpoint. Every name a frozen tensor has is dropped here.
+    frozen = {name for name, p in peft_model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def drop_frozen(_module, state_dict, prefix, _metadata):
+        for name in frozen:
+            state_dict.pop(prefix + name, None)
+
+    peft_model.register_state_dict_post_hook(drop_frozen)
+    return peft_model
 
 
 def trainable_parameters(module) -> tuple[int, int]:

@@ -54,6 +54,8 @@ def test_only_adapters_train_and_reach_the_optimizer(base_dir):
     assert in_optimizer == adapters
     assert len(optimizer.param_groups) == 1, "no empty no-decay group: ZeRO drops it, the LR scheduler would not"
     assert all(not p.requires_grad for name, p in model.named_parameters() if "lora_" not in name)
+    # What DeepSpeed's checkpoint saves: the adapters, not the frozen base (nor its tied lm_head under another name).
+    assert set(model.state_dict()) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
 def test_all_linear_adapts_every_linear_layer_but_the_head(base_dir):
