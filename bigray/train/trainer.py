@@ -197,6 +197,7 @@ def train(cfg: Config, progress: Callable[[dict], None] | None = None) -> TrainR
     metrics.jsonl's record without its None fields) while the run goes on; after a worker restart it sees the
     replayed steps again."""
     import ray.data
+    import ray.train
 
     run = plan_run(cfg)
     check_resume_agrees(run)
@@ -205,9 +206,12 @@ def train(cfg: Config, progress: Callable[[dict], None] | None = None) -> TrainR
     ray.data.DataContext.get_current().enable_progress_bars = False
     start = time.perf_counter()
     with live_reports(progress) as callbacks:
-        result = trainer(run, callbacks=callbacks).fit()
-    if result.error:
-        raise BigrayError(f"training failed after {run.train.max_failures} restarts: {result.error}") from result.error
+        try:
+            result = trainer(run, callbacks=callbacks).fit()
+        except ray.train.TrainingFailedError as exc:  # Ray Train v2 raises the error it also puts in result.error
+            raise BigrayError(f"training failed after {run.train.max_failures} restarts: {exc}; its committed "
+                              f"checkpoints stay: run again with train.run_name={run.run_name} to resume from the "
+                              "latest") from exc
     records = read_records(run.run_dir, run.store)
     plot(records, join(run.run_dir, "loss.png"), run.store)
     # The checkpoint fit() reports is the latest Ray committed, never a newer dir still (or half) uploaded.
