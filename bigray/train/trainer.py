@@ -71,8 +71,10 @@ def plan_run(cfg: Config) -> RunPlan:
         raise ConfigError(f"model.pretrained: vocab_size {pre_vocab} is smaller than the tokenizer's {vocab} "
                           f"({manifest_uri})")
     check_data_order(t, manifest, manifest_uri)
-    # A GPU config that cannot fit fails here, not as an OOM an hour into the run (no-op on CPU).
-    check_fits(t, cfg.model, vocab, manifest["seq_len"], store)
+    # A GPU config that cannot fit fails here, not as an OOM an hour into the run (no-op on CPU). The planner counts
+    # gradients and optimizer state for every weight: under LoRA it would refuse configs that fit, so it is skipped.
+    if t.lora is None:
+        check_fits(t, cfg.model, vocab, manifest["seq_len"], store)
     check_lora(t.lora, cfg.model, store)
     kind = cfg.model.preset if not cfg.model.pretrained else "finetune"
     run_name = t.run_name or f"bigray-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
