@@ -5,7 +5,7 @@ A synthetic split in prepare's own format (`bigray.data.pack.shards`: zstd parqu
 uint16 tokens) is written to the moto server; each process is one rank's `Reader` (bigray/train/batches.py) going
 through one epoch with no training step in between, i.e. the reader's ceiling, not a training run's need.
 
-    python benchmarks/loader.py [--blocks 48 --seq-len 2048 --partitions 24 --global-batch 96]
+    python benchmarks/loader.py [--blocks 48 --seq-len 2048 --partitions 8 --global-batch 32 --window 1]
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--blocks", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--partitions", type=int, default=24)
-    parser.add_argument("--global-batch", type=int, default=96)
-    parser.add_argument("--window", type=int, default=2)
+    parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("--window", type=int, default=1)
     args = parser.parse_args()
     from moto.server import ThreadedMotoServer
 
@@ -121,11 +121,15 @@ def main() -> None:
               f"{rate * args.seq_len / H100_1B_TOKENS_PER_S:.0f}x | {mib:.1f} | {share:.3f} (1/N = {1 / world:.3f}) "
               f"| {np.mean([r['requests'] for r in results]):.0f} |")
     steps = manifest_steps(manifest, args)
-    print("\n| resume at step (N=2, rank 0) | seconds to first batch | blocks read | MiB read |")
-    print("| --- | --- | --- | --- |")
+    print("\n| resume at step (N=2, rank 0) | seconds to first batch | blocks read | MiB read "
+          "| MiB a replaying reader decodes first |")
+    print("| --- | --- | --- | --- | --- |")
+    rows = manifest["splits"]["train"]["rows"]
     for step in (0, steps - 2, 0, steps - 2):  # twice each, alternating
         r = resume_to_first_batch(uri, manifest, args.partitions, args.global_batch, args.window, 2, step)
-        print(f"| {step} of {steps} | {r['s']:.3f} | {r['blocks']} | {r['bytes'] / 2**20:.1f} |")
+        # bigray before this reader: every worker streamed the split from its start up to the step's rows.
+        replay = step * args.global_batch / rows * split_bytes / 2**20
+        print(f"| {step} of {steps} | {r['s']:.3f} | {r['blocks']} | {r['bytes'] / 2**20:.1f} | {replay:.1f} |")
     server.stop()
     del Store
 
