@@ -148,7 +148,7 @@ class DataOrder:
         return e, step
 
     @functools.lru_cache(maxsize=512)  # noqa: B019
-    def windows(self, e: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+    def windows(self, e: int, p: int) -> tuple[np.ndarray, list[np.ndarray]]:
         """(first partition row of each window, plus the total at the end; the blocks of each window)."""
         blocks = self.epoch(e).partition_blocks[p]
         groups = [blocks[i:i + self.window] for i in range(0, len(blocks), self.window)]
@@ -183,7 +183,6 @@ class DataOrder:
 def consumed(p: np.ndarray | int, position: int, partitions: int):
     """Rows partition p has given once the interleaved stream reached `position` (positions j = p mod P before it)."""
     return np.maximum(0, (position - p + partitions - 1) // partitions)
-
 
 
 @dataclass
