@@ -46,7 +46,14 @@ from bigray.data.pack import (
 )
 from bigray.data.read import InputFile, content_hash, documents, read_groups, resolve_inputs, where_of
 from bigray.data.sft import BadRecord, ChatFormat, chat_format, encode_pieces, truncate
-from bigray.data.tokenizer import EOS, TokenizerInfo, backend, fit_tokenizer, load_tokenizer, save_chat_template
+from bigray.data.tokenizer import (
+    TokenizerInfo,
+    backend,
+    fit_tokenizer,
+    load_tokenizer,
+    sample_format,
+    save_chat_template,
+)
 from bigray.errors import DataError
 from bigray.runtime import init_ray
 from bigray.storage import Store, join
@@ -95,9 +102,7 @@ def prepare(cfg: Config) -> PrepareResult:
     files = resolve_inputs(data, store)
     start = time.perf_counter()
     init_ray(cfg.ray)
-    # bigray's own BPE has no chat template: SFT records are sampled as bigray's default template renders them.
-    sample_fmt = sft_format(data, None, {"eos_token": EOS, "bos_token": EOS, "pad_token": EOS})
-    tok_uri = data.tokenizer or fit_tokenizer(data, store, join(output, "tokenizer"), files, sample_fmt)
+    tok_uri = data.tokenizer or fit_tokenizer(data, store, join(output, "tokenizer"), files, sample_format(data))
     tok = load_tokenizer(tok_uri, store)
     manifest = write_dataset(data, store, output, files, tok)
     wall = time.perf_counter() - start

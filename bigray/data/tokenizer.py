@@ -16,7 +16,7 @@ import numpy as np
 from bigray.config import Config, DataConfig, require
 from bigray.data.pack import unit_draw
 from bigray.data.read import InputFile, content_hash, documents, read_groups, resolve_inputs
-from bigray.data.sft import ChatFormat
+from bigray.data.sft import ChatFormat, chat_format
 from bigray.errors import DataError
 from bigray.runtime import init_ray
 from bigray.storage import Store, is_remote, join
@@ -44,8 +44,16 @@ def train_tokenizer(cfg: Config) -> TokenizerInfo:
     store = Store(cfg.storage)
     files = resolve_inputs(cfg.data, store)
     init_ray(cfg.ray)
-    fit_tokenizer(cfg.data, store, out_uri, files)
+    fit_tokenizer(cfg.data, store, out_uri, files, sample_format(cfg.data))
     return load_tokenizer(out_uri, store)
+
+
+def sample_format(data: DataConfig) -> ChatFormat | None:
+    """How SFT records are rendered for the BPE's training sample: bigray's BPE has no template of its own."""
+    if data.task != "sft":
+        return None
+    return chat_format(data.chat_template, None, {"eos_token": EOS, "bos_token": EOS, "pad_token": EOS},
+                       data.train_on, data.messages_field)
 
 
 def fit_tokenizer(data: DataConfig, store: Store, out_uri: str, files: list[InputFile],

@@ -152,3 +152,20 @@ def test_truncate_policies():
     assert got == ids[:6] and m.tolist() == mask[:6].tolist()
     with pytest.raises(BadRecord, match="too_long"):
         truncate(ids, mask, 4, "right")  # no target left
+
+
+def test_tokenizer_sample_of_sft_records_is_their_rendering(tmp_path):
+    """`bigray tokenizer train` / prepare with no tokenizer learn the BPE from chats as the template renders them."""
+    import json
+
+    from bigray.config import DataConfig
+    from bigray.data.read import InputFile
+    from bigray.data.tokenizer import sample_format, sample_task
+    from bigray.storage import Store
+
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps({"prompt": "what is ray", "completion": "a framework"}) + "\n" + "{bad\n")
+    data = DataConfig(task="sft")
+    got = sample_task([InputFile(str(path), "jsonl", 0)], [0], data, Store(), 1.0, sample_format(data))
+    assert got == [f"user: what is ray\nassistant: a framework{EOS}\n"]
+    assert sample_format(DataConfig()) is None
