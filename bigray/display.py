@@ -69,8 +69,9 @@ def train_summary(out: TrainResult) -> None:
 def export_line(exp: ExportResult) -> None:
     kind = "LoRA adapter " if exp.adapter_only else ""
     merged = f", LoRA merge |diff| {exp.merge_max_abs_diff:.2e}" if exp.merge_max_abs_diff is not None else ""
+    task = f", Ray task reserved {exp.reserved_memory_gib:.1f} GiB" if exp.reserved_memory_gib is not None else ""
     print(f"export: {kind}{exp.out_dir} from {exp.checkpoint} "
-          f"(step {exp.step}, probe logits max |diff| {exp.probe_max_abs_diff:.2e}{merged})")
+          f"(step {exp.step}, probe logits max |diff| {exp.probe_max_abs_diff:.2e}{merged}{task})")
 
 
 def tune_table(out: TuneResult) -> None:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import posixpath
 import tempfile
-from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
@@ -23,7 +23,7 @@ PROBE_TOLERANCE = {"fp32": 1e-3, "bf16": 0.25, "fp16": 0.05}
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ExportResult:
     """What `bigray export` wrote and how closely it matches the engine that trained it."""
 
@@ -34,6 +34,7 @@ class ExportResult:
     dtype: str
     adapter_only: bool = False  # out_dir is a peft adapter dir (LoRA run, --adapter-only), served on its base
     merge_max_abs_diff: float | None = None  # LoRA merged export: max |logit diff| merged vs adapter model (probe)
+    reserved_memory_gib: float | None = None  # export_in_task: the memory its Ray task reserved (export_memory)
 
 
 def checkpoint_uri(run_dir: str, checkpoint) -> str:
@@ -197,7 +198,8 @@ def export_in_task(run_dir: str, out_dir: str, store: Store, checkpoint: str | N
     log.info("export: consolidating %s (%.2fB parameters) in a Ray task reserving %.1f GiB memory and %g CPU",
              ckpt_uri, n_params / 1e9, need / 2**30, num_cpus)
     task = ray.remote(export).options(num_cpus=num_cpus, memory=need, max_retries=0)
-    return ray.get(task.remote(run_dir, out_dir, store, checkpoint=ckpt_uri, adapter_only=adapter_only))
+    result = ray.get(task.remote(run_dir, out_dir, store, checkpoint=ckpt_uri, adapter_only=adapter_only))
+    return dataclasses.replace(result, reserved_memory_gib=need / 2**30)
 
 
 def checkpoint_export_memory(ckpt_uri: str, store: Store) -> tuple[int, int]:
