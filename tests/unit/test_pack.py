@@ -142,3 +142,36 @@ def test_extra_columns_share_the_block_byte_range():
                 back[c].append(np.stack(part[c].to_numpy(zero_copy_only=False)))
     for c, expected in {"tokens": rows, **extra}.items():
         np.testing.assert_array_equal(np.concatenate(back[c]), expected)
+
+
+def test_write_task_writes_the_listed_columns(tmp_path):
+    """A write task (called in process) for SFT documents and for pretraining with pack_boundaries."""
+    from bigray.config import DataConfig
+    from bigray.data.prepare import columns_for, write_task
+    from bigray.storage import Store
+
+    lengths = np.array([5, 3, 6, 4])
+    part = {"pos": np.arange(4, dtype=np.int64)[::-1].copy(), "hash": np.arange(1, 5, dtype=np.uint64) << 40,
+            "lengths": lengths[::-1].copy(), "tokens": np.arange(1, 19, dtype=np.uint16),
+            "mask": np.tile(np.array([0, 1], dtype=np.uint8), 9)}
+    for data, extra in ((DataConfig(task="sft", val_fraction=0), ["loss_mask", "segment_ids"]),
+                        (DataConfig(pack_boundaries=True, val_fraction=0), ["segment_ids"])):
+        out = tmp_path / data.task
+        out.mkdir()
+        got = write_task(0, data, Store(), str(out), 8, 100, 4, 1, 0, part)
+        table = pq.read_table(out / "train-00000-000.parquet")
+        assert table.schema.names == columns_for(data) == ["tokens", *extra]
+        tokens = np.stack(table["tokens"].to_numpy(zero_copy_only=False))
+        seg = np.stack(table["segment_ids"].to_numpy(zero_copy_only=False))
+        # Documents in input order (pos): the part lists them last to first (tokens 1..18 in part order).
+        stream = np.concatenate([np.arange(14, 19), np.arange(11, 14), np.arange(5, 11), np.arange(1, 5)])
+        if data.task == "sft":
+            assert got["splits"]["train"]["pad"] == 3 * 8 - 18 and got["splits"]["train"]["tail"] == 0
+            np.testing.assert_array_equal(tokens[tokens != 0], stream)
+            assert seg.tolist() == [[0] * 5 + [1] * 3, [0] * 6 + [1] * 2, [0] * 4 + [1] * 4]
+            mask = np.stack(table["loss_mask"].to_numpy(zero_copy_only=False))
+            np.testing.assert_array_equal(mask[tokens != 0], (stream % 2 == 0).astype(np.uint8))
+            assert not mask[tokens == 0].any()
+        else:
+            assert got["splits"]["train"]["tail"] == 2 and tokens.reshape(-1).tolist() == stream[:16].tolist()
+            assert seg.tolist() == [[0] * 5 + [1] * 3, [0] * 6 + [1] * 2]
