@@ -41,7 +41,8 @@ def blocks(manifest: dict, split: str) -> list[dict]:
 
 
 def load_split(manifest_uri: str, split: str = "train", store: Store | None = None):
-    """A lazy, streaming Ray Dataset of a split's packed rows (column `tokens`, seq_len + 1 ids each)."""
+    """A lazy, streaming Ray Dataset of a split's packed rows (`tokens`, seq_len + 1 ids each, plus the split's
+    listed `loss_mask` / `segment_ids`)."""
     import ray.data
 
     store = store or Store()
@@ -52,7 +53,8 @@ def load_split(manifest_uri: str, split: str = "train", store: Store | None = No
     if not shards:
         raise DataError(f"{manifest_uri}: split {split!r} is empty")
     fs, base = store.filesystem(root)
-    return ray.data.read_parquet([f"{base}/{p}" for p in shards], filesystem=fs, columns=["tokens"])
+    columns = manifest["splits"][split].get("columns", ["tokens"])
+    return ray.data.read_parquet([f"{base}/{p}" for p in shards], filesystem=fs, columns=columns)
 
 
 def clear_previous(store: Store, output: str) -> None:
