@@ -4,14 +4,15 @@ The same conversations go through bigray's training step both ways (`bigray.trai
 `lm_loss` on `Rows`: labels from the loss mask, per-document positions, the token-weighted normaliser), one
 process, DeepSpeed ZeRO-0 on CPU, fp32:
 
-- packed: conversations back to back in rows of seq_len + 1 tokens (greedy, in order; a conversation that does
-  not fit starts the next row), `segment_ids` per conversation, trailing padding its own segment with mask 0;
+- packed: conversations back to back in rows of seq_len + 1 tokens as `bigray prepare` packs them (whole, in
+  order; one that does not fit opens the next row), `segment_ids` per conversation, padding its own segment;
 - padded: `--micro-batch` conversations per micro step, right-padded to the longest of them (mask 0 on padding,
   no segment ids: plain causal attention, the padding comes after every real token).
 
 Conversations: functions of Python's standard library as chat turns (user: the signature and docstring,
-assistant: the source), rendered `<role>: <content>` as bigray's default template, tokenized with a byte-level
-BPE trained here; the loss mask covers the assistant turn. Both modes walk the same shuffled conversation
+assistant: the source), rendered, masked and packed by bigray prepare's own functions (`bigray.data.sft`,
+`bigray.data.pack`: bigray's default chat template, a byte-level BPE trained here, the loss mask on the
+assistant turn and its EOS). Both modes walk the same shuffled conversation
 order (no length grouping). Printed: real (non-padding) tokens/s, answer tokens/s, the padding fraction of each,
 and the ratios, measured in alternating rounds in one run (median of `--rounds`).
 
@@ -26,6 +27,7 @@ import json
 import os
 import statistics
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,45 +57,35 @@ def conversations(limit: int) -> list[tuple[str, str]]:
     return [pairs[i] for i in order[:limit]]
 
 
-def tokenize(pairs: list[tuple[str, str]], vocab: int) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """Token ids and loss masks (1 on the assistant turn and its EOS) per conversation, and the EOS id."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def tokenize(pairs: list[tuple[str, str]], vocab: int, work: str) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Token ids and loss masks per conversation as `bigray prepare` (data.task sft) makes them: bigray's BPE,
+    bigray's default chat template (the assistant turn and its EOS are the targets), and the EOS id."""
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator((u + a for u, a in pairs), trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<eos>"]))
-    eos = tok.token_to_id("<eos>")
-    ids, masks = [], []
-    for user, answer in pairs:
-        prompt = tok.encode(f"user: {user}\nassistant: ").ids
-        reply = tok.encode(answer).ids + [eos]
-        ids.append(np.array(prompt + reply, dtype=np.int64))
-        masks.append(np.array([0] * len(prompt) + [1] * len(reply), dtype=np.uint8))
-    return ids, masks, eos
+    from bigray.data.sft import chat_format, encode_pieces, render
+    from bigray.data.tokenizer import EOS, train_bpe
+
+    chats = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}] for u, a in pairs]
+    fmt = chat_format(None, None, {"eos_token": EOS, "bos_token": EOS, "pad_token": EOS}, "assistant", "messages")
+    pieces = [render(chat, fmt) for chat in chats]
+    train_bpe(("".join(text for text, _ in doc) for doc in pieces), vocab, work)
+    tok = Tokenizer.from_file(os.path.join(work, "tokenizer.json"))
+    encoded = encode_pieces(pieces, tok)
+    return [np.array(ids, dtype=np.int64) for ids, _ in encoded], [mask for _, mask in encoded], tok.token_to_id(EOS)
 
 
 def packed_rows(ids, masks, row_len: int, eos: int) -> tuple[Rows, np.ndarray]:
-    """Greedy in-order packing into rows of `row_len` tokens; the padding of a row is one more segment, mask 0.
-    Also returns the conversation (non-padding) tokens of each row."""
-    rows, row = [], []
-    for doc in zip(ids, masks):
-        if sum(len(d[0]) for d in row) + len(doc[0]) > row_len:
-            rows.append(row)
-            row = []
-        row.append(doc)
-    rows.append(row)
-    tokens = np.full((len(rows), row_len), eos, dtype=np.int64)
-    mask = np.zeros_like(tokens, dtype=np.uint8)
-    segments = np.zeros_like(tokens, dtype=np.int32)
-    for r, row in enumerate(rows):
-        at = 0
-        for s, (doc, m) in enumerate(row):
-            tokens[r, at:at + len(doc)], mask[r, at:at + len(doc)], segments[r, at:at + len(doc)] = doc, m, s
-            at += len(doc)
-        segments[r, at:] = len(row)
-    real = np.array([sum(len(d) for d, _ in row) for row in rows])
-    return Rows(tokens=tokens, loss_mask=mask, segment_ids=segments, row_ids=np.arange(len(rows))), real
+    """The conversations packed as prepare packs them (`pack_documents`: whole, in order, a conversation that does
+    not fit opens the next row, the rest of a row padding with a segment of its own and mask 0); also returns the
+    conversation (non-padding) tokens of each row."""
+    from bigray.data.pack import pack_documents, place_documents
+
+    lengths = np.array([len(d) for d in ids])
+    tokens, mask, segments, _ = pack_documents(np.concatenate(ids), np.concatenate(masks), lengths, row_len, eos)
+    row, _ = place_documents(lengths, row_len)
+    real = np.bincount(row, weights=lengths, minlength=len(tokens)).astype(np.int64)
+    return Rows(tokens=tokens.astype(np.int64), loss_mask=mask, segment_ids=segments,
+                row_ids=np.arange(len(tokens))), real
 
 
 def padded_batches(ids, masks, micro: int, eos: int) -> list[Rows]:
@@ -145,7 +137,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     row_len = args.seq_len + 1
-    ids, masks, eos = tokenize(conversations(10 * args.conversations), args.vocab)
+    ids, masks, eos = tokenize(conversations(10 * args.conversations), args.vocab,
+                               tempfile.mkdtemp(prefix="bigray-bench-sft-"))
     keep = [i for i, d in enumerate(ids) if len(d) <= row_len][:args.conversations]  # the same set both ways
     ids, masks = [ids[i] for i in keep], [masks[i] for i in keep]
     real_tokens = sum(len(d) for d in ids)
