@@ -5,7 +5,9 @@ Four `bigray train` runs, identical but for `train.checkpoint_every` / `_upload`
 storage in a local S3 server (moto, loopback), the `125m` preset under ZeRO-2 on 2 CPU workers. Every
 run checkpoints at its last step (bigray always does), so the difference of wall times between a run
 and the no-checkpoint one is the cost of its intermediate checkpoints as seen by training. Step time is
-the mean `step_time_s` of the no-checkpoint run. Printed side by side from one invocation; the box is
+the mean `step_time_s` of the no-checkpoint run; "waited" is what the training thread spent in the
+checkpointer (`checkpoint_s`: the write, or the host copy), the rest of the cost is the writer and
+upload threads competing with training for the CPU. Printed side by side from one invocation; the box is
 shared, so expect noise of a few seconds in each wall time.
 
     python benchmarks/checkpoint.py [--steps 24 --every 8 --preset 125m --modes none,sync,async,background]
@@ -81,10 +83,12 @@ def main() -> None:
              "async": [every, "train.checkpoint_upload=async"],
              "background": [every, "train.checkpoint_upload=async", "train.checkpoint_write=background"]}
     modes = {mode: modes[mode] for mode in args.modes.split(",")}
-    walls, step_time = {}, None
+    walls, waits, step_time = {}, {}, None
     for mode, overrides in modes.items():
         out = train(load_config(overrides=[*common, f"train.run_name={mode}", *overrides]))
         walls[mode] = out.wall_s
+        # What the training thread waited for intermediate checkpoints (the last step's is in every run).
+        waits[mode] = sum(r.get("checkpoint_s", 0) for r in out.records if r["step"] < args.steps)
         if mode == "none":
             timed = out.records[1:]  # the first step carries warm-up
             step_time = sum(r["step_time_s"] for r in timed) / len(timed)
@@ -102,7 +106,7 @@ def main() -> None:
     for mode in modes:
         extra = walls[mode] - walls["none"]
         per = f" | +{extra / n:.1f} s per checkpoint, +{100 * extra / (args.steps * step_time):.1f}% on the run's " \
-            "step time" if mode != "none" else ""
+            f"step time; the step waited {waits[mode] / n:.1f} s of it" if mode != "none" else ""
         print(f"{mode:>10}: wall {walls[mode]:.1f} s, {args.steps / walls[mode]:.3f} steps/s (incl. start-up){per}")
 
 

@@ -104,7 +104,10 @@ def train_func(config: dict) -> None:
             continue
         metrics = window.metrics(engine, step, epoch)
         metrics |= maybe_evaluate(engine, val, step, run)
+        clock = time.perf_counter()
         checkpoint = checkpointer.for_report(engine, step)
+        if checkpoint or checkpoint_due(step, t):  # how long the step waited: the write, or the host copy
+            metrics["checkpoint_s"] = time.perf_counter() - clock
         if checkpoint:
             metrics["checkpoint_step"] = checkpoint.step  # the step it holds (earlier, when written in background)
         if run.log:
