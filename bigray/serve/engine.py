@@ -63,6 +63,9 @@ class Event:
     error: str | None = None
 
 
+# NOTE: Ray exports metrics every few seconds: a gauge set or counter increment per step (hundreds a second) was
+# work on the engine thread that no scrape could see. Histograms (TTFT, inter-token) still get every token.
+METRICS_PERIOD_S = 0.5
 PREFILL_PADDING_LIMIT = 2  # a prefill group's padded tokens may be at most this many times its prompt tokens
 
 
@@ -232,6 +235,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopped: BaseException | None = None  # what ended the engine thread
         self._closed = False
+        self._reported_at = 0.0  # when the gauges and the token counter last went to `metrics`
+        self._unreported_tokens = 0
         self._lock = threading.Lock()
         self._step_started: float | None = None
         self._failures = 0
@@ -374,6 +379,7 @@ class Engine:
             while not self._closed:
                 self._wakeup.clear()
                 if not self._rows and not self._pending and self._prefill is None:
+                    self._report()  # idle: the gauges show the empty engine, the counter every token
                     self._wakeup.wait()
                     if self._closed:
                         break
@@ -418,7 +424,15 @@ class Engine:
             self._step_started = None
         if worked and ok:  # an idle turn of the loop proves nothing: it must not end a run of failures
             self._failures = 0
+        if time.monotonic() - self._reported_at >= METRICS_PERIOD_S:
+            self._report()
+
+    def _report(self) -> None:
+        """Occupancy gauges and the generated-tokens counter, at most every METRICS_PERIOD_S while busy."""
+        self._reported_at = time.monotonic()
+        tokens, self._unreported_tokens = self._unreported_tokens, 0
         self.metrics.load(len(self._pending), len(self._rows), sum(len(s.prompt) + len(s.ids) for s in self._rows))
+        self.metrics.generated(tokens)
 
     def _guarded(self, work, on_error) -> bool:
         """Run one forward; on an exception (an OOM, a CUDA error) undo it for everyone but the newest work."""
@@ -583,7 +597,7 @@ class Engine:
         # One wake-up per event loop per step, not one per token: the loop also serves HTTP.
         for loop, events in outbox.items():
             loop.call_soon_threadsafe(_deliver, events)
-        self.metrics.generated(generated)
+        self._unreported_tokens += generated
         return tokens
 
     def _advance(self, s: _Seq, token: int, logprob, now: float, outbox: dict) -> int:

@@ -21,7 +21,7 @@ class EngineMetrics:
         """Time between two tokens of one sequence (ITL)."""
 
     def generated(self, tokens: int) -> None:
-        """Tokens generated in one engine step."""
+        """Tokens generated since the last report (the engine reports every half second while busy, and when idle)."""
 
     def error(self, kind: str) -> None:
         """One failure, by type (an exception class name, `overloaded`, `timeout`, an HTTP error type)."""

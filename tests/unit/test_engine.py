@@ -156,6 +156,39 @@ def test_join_and_leave_copy_only_their_own_rows(model_dir, reference):
     assert len(ps) < kv.rows_copied <= 2 * len(ps) and e.stats["max_batch_seen"] >= 3
 
 
+def test_metrics_get_every_token_but_gauges_only_twice_a_second(model_dir):
+    """Histograms see every token; the occupancy gauges and the token counter are batched (Ray exports every few
+    seconds), and an engine going idle reports at once, so a scrape never misses tokens."""
+    from bigray.serve.metrics import EngineMetrics
+
+    class Recording(EngineMetrics):
+        def __init__(self):
+            self.ttft, self.itl, self.tokens, self.loads = 0, 0, 0, []
+
+        def first_token(self, seconds):
+            self.ttft += 1
+
+        def inter_token(self, seconds):
+            self.itl += 1
+
+        def generated(self, tokens):
+            self.tokens += tokens
+
+        def load(self, waiting, running, kv_tokens):
+            self.loads.append(running)
+
+    m = Recording()
+    e = engine(model_dir, metrics=m)
+    ids, *_ = asyncio.run(collect(e, [(p, greedy(30)) for p in prompts(e, 3)]))
+    generated = sum(len(x) for x in ids)
+    for _ in range(100):  # the engine thread reports as it goes idle, just after the last event
+        if m.tokens == generated:
+            break
+        time.sleep(0.02)
+    assert m.ttft == 3 and m.ttft + m.itl == generated == m.tokens == e.stats["generated_tokens"]
+    assert m.loads[-1] == 0 and len(m.loads) < e.stats["steps"] / 4
+
+
 def test_kv_budget_admits_what_fits_and_queues_the_rest(model_dir, reference):
     e = engine(model_dir)
     ps = prompts(e, 4)
