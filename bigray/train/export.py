@@ -101,8 +101,9 @@ def export_memory(n_params: int, model_states_bytes: int, export_dtype_bytes: in
 
 
 def export_files(rel_paths: list[str]) -> list[str]:
-    """The checkpoint files an export reads: not the RNG states nor DeepSpeed's zero_to_*.py scripts."""
-    return [p for p in rel_paths if not p.startswith(("rng/", "zero_to_")) and "/zero_to_" not in p]
+    """The checkpoint files an export reads: not the RNG states, DeepSpeed's zero_to_*.py scripts nor the universal
+    form an elastic resume made."""
+    return [p for p in rel_paths if not p.startswith(("rng/", "zero_to_", "universal/")) and "/zero_to_" not in p]
 
 
 def export(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = None,

@@ -578,8 +578,10 @@ def rank_of(rel_path: str) -> int | None:
 
 def rank_files(rel_paths: list[str], rank: int) -> list[str]:
     """The files of a checkpoint that `rank` needs to resume: its own ZeRO shards and RNG state plus the shared
-    ones (DeepSpeed's model states under ZeRO 0-2, bigray.json), not other ranks' shards nor export's files."""
-    return [p for p in rel_paths if not p.startswith(EXPORT_ONLY) and rank_of(p) in (None, rank)]
+    ones (DeepSpeed's model states under ZeRO 0-2, bigray.json), not other ranks' shards, export's files nor the
+    universal form an elastic resume made."""
+    skip = (*EXPORT_ONLY, f"{UNIVERSAL_DIR}/")
+    return [p for p in rel_paths if not p.startswith(skip) and rank_of(p) in (None, rank)]
 
 
 def fetch_rank_files(fs, path: str, rank: int, dest: str) -> list[tuple[str, int]]:

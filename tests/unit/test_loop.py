@@ -49,6 +49,10 @@ ZERO3 = ["bigray.json", *(f"ds/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
 def test_a_rank_needs_its_own_shards_and_the_shared_files_only():
     assert rank_files(sorted(ZERO2), 1) == ["bigray.json", "ds/mp_rank_00_model_states.pt",
                                            "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt", "latest", "rng/rank_1.pt"]
+    # The universal form an elastic resume left in the checkpoint is for the next elastic resume only.
+    universal = ["universal/ds/mp_rank_00_model_states.pt", "universal/ds/zero/lm_head.weight/exp_avg.pt",
+                 "universal/latest_universal", "universal/complete"]
+    assert rank_files(sorted([*ZERO2, *universal]), 1) == rank_files(sorted(ZERO2), 1)
     assert rank_files(ZERO3, 2) == ["bigray.json", "ds/bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt",
                                     "ds/zero_pp_rank_2_mp_rank_00_model_states.pt", "rng/rank_2.pt"]
     assert rank_of("ds/mp_rank_00_model_states.pt") is None  # the model-parallel rank is not a data-parallel one
