@@ -108,6 +108,12 @@ def throughput(url: str, model: str, clients: int, per_client: int, max_tokens: 
     return sum(tokens) / (time.perf_counter() - t0)
 
 
+# Each timed request starts from an idle engine, over HTTP and in-process alike. Back to back, the in-process
+# client's next request reached the engine thread before it went idle and skipped serve.batch_wait_timeout_s
+# (a 1-token completion took 2 ms in-process against 10 ms of batch wait over HTTP): batching, not HTTP.
+IDLE_GAP_S = 0.05
+
+
 def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats: int, profile=None):
     """Median latency of one greedy completion over HTTP and through an in-process Engine with the replica's settings
     (no proxy, no FastAPI, no JSON), in alternating blocks so that load drifting on a shared machine hits both alike.
@@ -145,6 +151,7 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
             times = []
             before = replica_steps()
             for _ in range(repeats):
+                time.sleep(IDLE_GAP_S)
                 t0 = time.perf_counter()
                 counts.add(
                     post(conn, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})["usage"][
@@ -160,6 +167,7 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
             times = []
             before = engine.stats["step_seconds"], engine.stats["requests"]
             for _ in range(repeats):
+                await asyncio.sleep(IDLE_GAP_S)
                 t0 = time.perf_counter()
                 counts.add(await in_process())
                 times.append(time.perf_counter() - t0)
