@@ -79,7 +79,8 @@ def collect(grid, record: dict[str, str], metric: str, max_steps: Callable[[dict
         if df is not None and metric in df and "step" in df:
             curve = [(int(s), float(v)) for s, v in zip(df["step"], df[metric]) if not (math.isnan(s) or math.isnan(v))]
         step = int(df["step"].dropna().iloc[-1]) if df is not None and "step" in df and df["step"].notna().any() else 0
-        event, trained = record.get(trial_id), step >= max_steps(dict(result.config))
+        params = dict(result.config or {})  # None for a trial that failed before it started
+        event, trained = record.get(trial_id), step >= max_steps(params)
         if (result.metrics or {}).get("done") and trained:
             # Its final result reached Tune; the completion event may not have (a driver lost right after it).
             event = "complete"
@@ -92,7 +93,7 @@ def collect(grid, record: dict[str, str], metric: str, max_steps: Callable[[dict
         trials.append(
             TrialResult(
                 trial_id=trial_id,
-                params=dict(result.config),
+                params=params,
                 status=status,
                 step=step,
                 metric=curve[-1][1] if curve else math.nan,

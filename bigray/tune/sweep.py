@@ -107,6 +107,8 @@ def tune(cfg: Config, resume: bool = False, log: Callable[[str], None] | None = 
                 scheduler=sched,
                 search_alg=search_alg,
                 trial_dirname_creator=_trial_dirname,
+                # A trial's actor is kept for the next trial (Trial.reset_config): one actor start per slot.
+                reuse_actors=True,
             ),
             run_config=rtune.RunConfig(
                 name=name,
@@ -181,15 +183,11 @@ def tune(cfg: Config, resume: bool = False, log: Callable[[str], None] | None = 
 
 
 def export_best(store: Store, best: TrialResult, step: int, export_dir: str) -> str:
-    """The best trial's checkpoint at `step` as an HF model dir, consolidated in a Ray task, not on this driver."""
-    import ray
+    """The best trial's checkpoint at `step` as an HF model dir, consolidated in a Ray task that reserves the
+    memory it needs (bigray.train.export.export_in_task), not on this driver."""
+    from bigray.train.export import export_in_task
 
-    from bigray.train.export import export
-
-    checkpoint = best.checkpoints[step]
-    # Consolidating a ZeRO checkpoint holds the whole model in memory: reserve it on a node that has it.
-    task = ray.remote(export).options(num_cpus=1, memory=_export_memory(store, checkpoint))
-    ray.get(task.remote(best.run_dir, export_dir, store, checkpoint=checkpoint))
+    export_in_task(best.run_dir, export_dir, store, checkpoint=best.checkpoints[step])
     return export_dir
 
 
@@ -335,17 +333,6 @@ def concurrency(max_concurrent: int, t: TrainConfig, cluster: dict[str, float]) 
         f"tune.max_concurrent {max_concurrent} capped to {fits}: the cluster has {have:g} {kind}s "
         f"and each trial's {t.num_workers} workers take {per_trial:g}"
     )
-
-
-def _export_memory(store: Store, checkpoint: str) -> int:
-    """Bytes the export task reserves: the ZeRO checkpoint it reads, plus room for the HF model it builds."""
-    import pyarrow.fs as pafs
-
-    fs, path = store.filesystem(checkpoint)
-    size = sum(
-        f.size or 0 for f in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if f.type == pafs.FileType.File
-    )
-    return int(size + 2**30)
 
 
 def _absolute(path: str) -> str:

@@ -62,28 +62,43 @@ class ForwardToTune(UserCallback):
     Tune stops can abort its Train run cleanly.
     """
 
-    def __init__(self, queue):
-        self.queue = queue
+    def __init__(self, queue, run_name: str):
+        self.queue, self.run_name = queue, run_name
         self.introduced = False
 
     def after_report(self, run_context, metrics, checkpoint):
         import ray
 
         if not self.introduced:
-            self.queue.put({"_controller": ray.get_runtime_context().current_actor})
+            self.queue.put({"_run": self.run_name, "_controller": ray.get_runtime_context().current_actor})
             self.introduced = True
-        self.queue.put({**metrics[0], "_checkpoint": posixpath.basename(checkpoint.path) if checkpoint else None})
+        checkpoint = posixpath.basename(checkpoint.path) if checkpoint else None
+        self.queue.put({**metrics[0], "_run": self.run_name, "_checkpoint": checkpoint})
 
 
 class Trial(Trainable):
     """One trial: `bigray train` with the trial's params applied, its reports forwarded to Tune."""
 
     def setup(self, config: dict, base: dict, store: Store):
-        self.cfg = apply_overrides(Config.model_validate(base), config, "tune.search_space")
-        self.store = store
+        self.base, self.store = base, store
+        self.queue = None  # made at the first Train run, kept for the next trials this actor runs
+        self._reset(config)
+
+    def reset_config(self, new_config: dict) -> bool:
+        """Tune reuses this actor for another trial (`reuse_actors`): end this one's Train run, start afresh.
+
+        The actor's imports (Ray Train, DeepSpeed's and bigray's trainer modules) then cost once per slot,
+        not once per trial.
+        """
+        self._stop_run(wait_if_done=False)
+        self._reset(new_config)
+        return True
+
+    def _reset(self, config: dict) -> None:
+        self.cfg = apply_overrides(Config.model_validate(self.base), config, "tune.search_space")
         self.resume_from, self.resume_step = None, 0
         self.thread = self.controller = self.last_checkpoint = None
-        self.new_checkpoint = False
+        self.new_checkpoint = self.done = False
         self.outcome: dict = {}
 
     def load_checkpoint(self, checkpoint_dir: str):
@@ -131,9 +146,10 @@ class Trial(Trainable):
         self.run = plan_run(self.cfg)
         if self.resume_from:  # it may have rotated out while this trial's actor started
             self._check_exists(self.resume_from)
-        # Unbounded: ForwardToTune runs on the controller's event loop, so a put that waited for room
-        # would stall the controller, and with it the abort that stopping this trial sends.
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        if self.queue is None:
+            # Unbounded: ForwardToTune runs on the controller's event loop, so a put that waited for room
+            # would stall the controller, and with it the abort that stopping this trial sends.
+            self.queue = Queue(actor_options={"num_cpus": 0})
         # Tune's pointers must outlive Ray Train's own checkpoint rotation: Tune snapshots its state
         # once a trial has checkpointed num_to_keep times since the last snapshot, so one more kept
         # covers the pointer in the snapshot still in storage until the next one.
@@ -141,15 +157,17 @@ class Trial(Trainable):
         train = trainer(
             self.run,
             resume_from=self.resume_from,
-            callbacks=[ForwardToTune(self.queue)],
+            callbacks=[ForwardToTune(self.queue, name)],
             checkpoint_config=CheckpointConfig(num_to_keep=keep),
         )
 
+        outcome = self.outcome  # this run's: a reused actor's next trial gets a fresh dict
+
         def fit():
             try:
-                self.outcome["result"] = train.fit()
+                outcome["result"] = train.fit()
             except BaseException as exc:  # noqa: BLE001 - raised in step()
-                self.outcome["error"] = exc
+                outcome["error"] = exc
 
         self.thread = threading.Thread(target=fit, daemon=True)
         self.thread.start()
@@ -174,6 +192,8 @@ class Trial(Trainable):
                     error
                     or BigrayError(f"trial {self.trial_id}: training ended before step {self.cfg.train.max_steps}")
                 ) from None
+            if metrics.pop("_run") != self.run.run_name:
+                continue  # a late report of the Train run of the trial this actor ran before
             if "_controller" in metrics:
                 self.controller = metrics["_controller"]
                 continue
@@ -187,6 +207,7 @@ class Trial(Trainable):
                 # steps: a log-only report waits, its checkpoint (if any) goes out with the next result.
                 continue
             metrics |= {"run_dir": self.run.run_dir, "done": done}
+            self.done = done
             if self.new_checkpoint:  # a trial restored from this pointer at its last step returns this result again
                 self.last_checkpoint["result"] = metrics
             metrics = {**metrics, "should_checkpoint": self.new_checkpoint}
@@ -194,9 +215,14 @@ class Trial(Trainable):
             return metrics
 
     def cleanup(self):
+        self._stop_run(wait_if_done=True)
+
+    def _stop_run(self, wait_if_done: bool) -> None:
+        """Abort this trial's Train run if it is still training; a run that reported its last step is left to
+        return from fit() (waited for when the actor goes away, not when it is reused)."""
         import ray
 
-        if self.thread is None:
+        if self.thread is None or (self.done and not wait_if_done):
             return
         self.thread.join(timeout=10)  # a finished run is just returning from fit()
         if not self.thread.is_alive() or self.controller is None:
