@@ -38,11 +38,159 @@ from bigray.config import load_config  # noqa: E402
 SPACE = "tune.search_space={train.lr: {grid: [1.0e-3, 1.0e-5, 3.0e-3, 1.0e-4]}, train.warmup_steps: {grid: [2, 10]}}"
 
 
+STARTUP_MARKS = ("actor", "trial", "trainer", "train_func", "engine", "first_batch", "first_step", "first_report")
+
+
+def startup_probe(log_path: str):
+    """A worker_process_setup_hook that timestamps each trial's start-up (benchmark-only: no bigray code changes).
+
+    It patches, when they are imported, the trial's `_start` and the Train worker's named steps in
+    bigray.train.loop (which train_func looks up at call time) to append (run, mark, time) lines to `log_path`.
+    """
+
+    def hook():
+        import importlib.abc
+        import importlib.util
+        import json
+        import sys
+        import time
+
+        def mark(run: str, what: str) -> None:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"run": run.split("-from-")[0], "mark": what, "t": time.time()}) + "\n")
+
+        def worker_run() -> str:
+            import ray.train
+
+            return ray.train.get_context().get_experiment_name()
+
+        def patch_trial(module):
+            setup, reset, start = module.Trial.setup, module.Trial.reset_config, module.Trial._start
+
+            def trial_setup(self, *a, **k):
+                mark(self.trial_id, "actor")
+                return setup(self, *a, **k)
+
+            def reset_config(self, *a, **k):
+                mark(self.trial_id, "actor")  # a reused actor: the new trial's id is already set
+                return reset(self, *a, **k)
+
+            def _start(self):
+                mark(self.trial_id, "trial")
+                return start(self)
+
+            step = module.Trial.step
+
+            def trial_step(self):
+                out = step(self)
+                if getattr(self, "_probe_reported", None) != self.trial_id:  # once per trial, reused actor too
+                    self._probe_reported = self.trial_id
+                    mark(self.trial_id, "first_report")
+                return out
+
+            module.Trial.setup, module.Trial.reset_config = trial_setup, reset_config
+            module.Trial._start, module.Trial.step = _start, trial_step
+
+        def patch_trainer(module):
+            build = module.trainer
+
+            def trainer(run, *a, **k):
+                out = build(run, *a, **k)
+                mark(run.run_name, "trainer")
+                return out
+
+            module.trainer = trainer
+
+        def patch_loop(module):
+            quiet, setup, batches, step = (module.quiet_ray_console, module.setup_engine, module.train_batches,
+                                           module.train_step)
+            first = {}
+
+            def quiet_ray_console(*a, **k):
+                mark(worker_run(), "train_func")
+                return quiet(*a, **k)
+
+            def setup_engine(*a, **k):
+                out = setup(*a, **k)
+                mark(worker_run(), "engine")
+                return out
+
+            def train_batches(*a, **k):
+                for i, item in enumerate(batches(*a, **k)):
+                    if i == 0:
+                        mark(worker_run(), "first_batch")
+                    yield item
+
+            def train_step(*a, **k):
+                out = step(*a, **k)
+                if not first:
+                    first[1] = True
+                    mark(worker_run(), "first_step")
+                return out
+
+            module.quiet_ray_console, module.setup_engine = quiet_ray_console, setup_engine
+            module.train_batches, module.train_step = train_batches, train_step
+
+        patches = {
+            "bigray.tune.trial": patch_trial,
+            "bigray.train.trainer": patch_trainer,
+            "bigray.train.loop": patch_loop,
+        }
+
+        class Finder(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name not in patches:
+                    return None
+                sys.meta_path.remove(self)
+                try:
+                    spec = importlib.util.find_spec(name)
+                finally:
+                    sys.meta_path.insert(0, self)
+                run_module = spec.loader.exec_module
+
+                def exec_module(module):
+                    run_module(module)
+                    patches[name](module)
+
+                spec.loader.exec_module = exec_module
+                return spec
+
+        sys.meta_path.insert(0, Finder())
+
+    return hook
+
+
+def startup_table(log_path: str, runs: set[str]) -> tuple[str, float]:
+    """Each trial's start-up phases (s) from the probe's marks, and the mean seconds from trial start to first step."""
+    import json
+
+    marks: dict[str, dict[str, float]] = {}
+    with open(log_path) as f:
+        for line in f:
+            m = json.loads(line)
+            if m["run"] in runs:  # the first time of each mark: a trial's first Train run
+                marks.setdefault(m["run"], {}).setdefault(m["mark"], m["t"])
+    names = [f"{a}->{b}" for a, b in zip(STARTUP_MARKS, STARTUP_MARKS[1:])]
+    width = max(map(len, names))
+    lines = ["  trial     " + " ".join(f"{n:>{width}}" for n in names) + "   start-up (actor->first_step)"]
+    totals = []
+    for run, m in sorted(marks.items()):
+        cells = [m[b] - m[a] if a in m and b in m else float("nan") for a, b in zip(STARTUP_MARKS, STARTUP_MARKS[1:])]
+        total = m.get("first_step", float("nan")) - m.get("actor", m.get("trial", float("nan")))
+        totals.append(total)
+        lines.append(f"  {run[-8:]:8}  " + " ".join(f"{c:{width}.1f}" for c in cells) + f"   {total:.1f}")
+    mean = sum(totals) / len(totals) if totals else float("nan")
+    return "\n".join(lines), mean
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3000, help="train.max_steps of every trial")
-    parser.add_argument("--concurrent", type=int, default=2, help="tune.max_concurrent")
+    parser.add_argument("--steps", type=int, default=1500, help="train.max_steps of every trial")
+    # More trials than cores: a trial's start-up (mostly process starts and imports) overlaps the others' steps,
+    # and a slot freed by a stopped or finished trial never leaves a core idle while trials are left to run.
+    parser.add_argument("--concurrent", type=int, default=4, help="tune.max_concurrent (the same for both sweeps)")
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the local Ray cluster")
+    parser.add_argument("--schedulers", default="fifo,asha", help="sweeps to run, in order (the ratio needs both)")
     parser.add_argument("overrides", nargs="*", help="extra dotted overrides for both sweeps")
     args = parser.parse_args()
 
@@ -52,12 +200,14 @@ def main() -> None:
     from bigray.tune import tune
 
     root = tempfile.mkdtemp(prefix="bigray-bench-tune-")
+    marks = os.path.join(root, "startup.jsonl")
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",
         num_cpus=args.num_cpus,
         include_dashboard=False,
         log_to_driver=False,
+        runtime_env={"worker_process_setup_hook": startup_probe(marks)},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = os.path.join(root, "data")
@@ -94,7 +244,7 @@ def main() -> None:
         "tune.reduction_factor=3",
     ]
     results = {}
-    for scheduler in ("fifo", "asha"):
+    for scheduler in args.schedulers.split(","):
         cfg = load_config(overrides=[*common, f"tune.scheduler={scheduler}", f"tune.name={scheduler}", *args.overrides])
         start = time.perf_counter()
         out = tune(cfg)
@@ -105,6 +255,10 @@ def main() -> None:
             f"best val_loss {out.best_metric:.4f} at step {out.best_step} ({out.best_params})",
             flush=True,
         )
+        table, mean = startup_table(marks, {t.trial_id for t in out.trials})
+        print(f"{scheduler} start-up per trial, s (mean {mean:.1f}):\n{table}", flush=True)
+    if set(results) != {"fifo", "asha"}:
+        return
     (fifo_s, fifo), (asha_s, asha) = results["fifo"], results["asha"]
     print(f"\nASHA / FIFO wall time: {asha_s:.1f} s / {fifo_s:.1f} s = {asha_s / fifo_s:.2f}x (goal <= 0.5x)")
     # What the scheduler itself saved, apart from the per-trial start-up it cannot: steps trained.
