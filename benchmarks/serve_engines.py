@@ -5,6 +5,8 @@
 For one random-init model: greedy parity of each engine with `model.generate`, then generated tokens/s with
 1, 8 and 32 requests in flight at once (each engine gets the same prompts, greedy, `max_tokens` each), and the
 process's peak RSS during each run above its RSS before it (Linux: VmHWM, reset through /proc/self/clear_refs).
+`--baseline COMMIT` adds bigray's engine as it was at COMMIT (its engine.py read with `git show`) beside today's,
+plus a churn run: 96 requests with max_tokens 8..64 through 32 rows, so sequences keep joining and leaving.
 """
 
 from __future__ import annotations
@@ -50,13 +52,35 @@ def hf_reference(model, ids: list[list[int]], max_tokens: int, eos: int) -> list
     return out
 
 
-def bigray_engine(model_dir: str, ids: list[list[int]], max_tokens: int, threads: int) -> tuple[list[list[int]], float]:
+def engine_at(commit: str):
+    """bigray's Engine class as it was at `commit` (bigray/serve/engine.py from git, loaded as its own module)."""
+    import importlib.util
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    src = subprocess.run(
+        ["git", "show", f"{commit}:bigray/serve/engine.py"], cwd=repo, capture_output=True, text=True, check=True
+    ).stdout
+    name = f"bigray_engine_{commit[:8]}"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader=None))
+    sys.modules[name] = module  # dataclasses look their module up while the source runs
+    exec(compile(src, f"{commit}:bigray/serve/engine.py", "exec"), module.__dict__)
+    return module.Engine
+
+
+def bigray_engine(
+    model_dir: str, ids: list[list[int]], max_tokens, threads: int, engine_cls=None
+) -> tuple[list[list[int]], float]:
+    """`max_tokens`: one number for every request, or one per request."""
     from bigray.serve.engine import Engine, SamplingParams
 
-    engine = Engine(model_dir, max_batch_size=32, batch_wait_timeout_s=0.0, device="cpu", num_threads=threads)
+    engine = (engine_cls or Engine)(
+        model_dir, max_batch_size=32, batch_wait_timeout_s=0.0, device="cpu", num_threads=threads
+    )
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(ids)
 
     async def run():
-        items = [(p, SamplingParams(max_tokens=max_tokens, temperature=0)) for p in ids]
+        items = [(p, SamplingParams(max_tokens=m, temperature=0)) for p, m in zip(ids, limits)]
         out = [[] for _ in ids]
         t0 = time.perf_counter()
         async for i, ev in engine.generate(items):
@@ -66,7 +90,7 @@ def bigray_engine(model_dir: str, ids: list[list[int]], max_tokens: int, threads
     try:
         return asyncio.run(run())
     finally:
-        engine.close()
+        getattr(engine, "close", lambda: None)()
 
 
 def hf_continuous(model, ids: list[list[int]], max_tokens: int) -> tuple[list[list[int]], float]:
@@ -92,6 +116,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline", metavar="COMMIT", help="also bigray's engine as it was at this commit")
     args = parser.parse_args()
 
     import torch
@@ -110,23 +135,35 @@ def main() -> None:
         f"greedy parity with generate over 8 prompts: bigray {sum(strip(a) == strip(b) for a, b in zip(ours, ref))}/8, "
         f"transformers CB {sum(strip(a) == strip(b) for a, b in zip(theirs, ref))}/8"
     )
-    print(f"{'in flight':>9} {'bigray tok/s':>13} {'peak +MiB':>10} {'transformers CB tok/s':>22} {'peak +MiB':>10}")
+    runners = {"bigray": lambda n, m: bigray_engine(model_dir, ids[:n], m, args.threads)}
+    if args.baseline:
+        old = engine_at(args.baseline)
+        runners[f"bigray@{args.baseline[:7]}"] = lambda n, m: bigray_engine(model_dir, ids[:n], m, args.threads, old)
+    runners["transformers CB"] = lambda n, m: hf_continuous(model, ids[:n], m)
+    print(f"{'in flight':>9} " + " ".join(f"{name + ' tok/s':>24} {'peak +MiB':>9}" for name in runners))
     for n in (1, 8, 32):
-        best = {"bigray": 0.0, "cb": 0.0}
-        peak = {"bigray": 0.0, "cb": 0.0}
-        for _ in range(2):  # best of two, alternating, on a shared noisy box
+        best, peak = run_all(runners, n, args.max_tokens)
+        print(f"{n:>9} " + " ".join(f"{best[k]:>24,.0f} {peak[k]:>9,.0f}" for k in runners), flush=True)
+    if args.baseline:
+        # Churn: 96 requests through 32 rows, each with its own max_tokens, so rows leave and join all the time.
+        ids.extend(ids[:64])
+        limits = [8 + (i * 37) % 57 for i in range(96)]
+        churn = {k: r for k, r in runners.items() if k.startswith("bigray")}
+        best, peak = run_all(churn, 96, limits)
+        print("churn, 96 requests, max_tokens 8..64: " + ", ".join(f"{k} {best[k]:,.0f} tok/s" for k in churn))
+
+
+def run_all(runners: dict, n: int, max_tokens) -> tuple[dict, dict]:
+    """Best tokens/s and largest peak RSS (MiB above the start) of each runner, two rounds alternating."""
+    best = dict.fromkeys(runners, 0.0)
+    peak = dict.fromkeys(runners, 0.0)
+    for _ in range(2):  # best of two, alternating, on a shared noisy box
+        for name, run in runners.items():
             base = peak_reset()
-            out, s = bigray_engine(model_dir, ids[:n], args.max_tokens, args.threads)
-            peak["bigray"] = max(peak["bigray"], peak_since(base))
-            best["bigray"] = max(best["bigray"], sum(map(len, out)) / s)
-            base = peak_reset()
-            out, s = hf_continuous(model, ids[:n], args.max_tokens)
-            peak["cb"] = max(peak["cb"], peak_since(base))
-            best["cb"] = max(best["cb"], sum(map(len, out)) / s)
-        print(
-            f"{n:>9} {best['bigray']:>13,.0f} {peak['bigray']:>10,.0f} {best['cb']:>22,.0f} {peak['cb']:>10,.0f}",
-            flush=True,
-        )
+            out, s = run(n, max_tokens)
+            peak[name] = max(peak[name], peak_since(base))
+            best[name] = max(best[name], sum(map(len, out)) / s)
+    return best, peak
 
 
 if __name__ == "__main__":
