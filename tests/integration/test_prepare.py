@@ -434,3 +434,74 @@ def test_minhash_drops_planted_near_duplicates_only(tmp_path, tokenizer_dir):
     assert result.docs_kept + result.dropped["near_duplicate"] == 100 and set(result.dropped) == {"near_duplicate"}
     later, earlier = result.drop_examples["near_duplicate"].split(" ~ ")
     assert int(later.rsplit(":", 1)[1]) > 60 and int(earlier.rsplit(":", 1)[1]) == int(later.rsplit(":", 1)[1]) - 60
+
+
+def test_sft_from_a_saved_dataset_packs_masked_documents(tmp_path, tokenizer_dir, s3):
+    """A `datasets` Dataset saved to disk (plus a jsonl file) -> task sft: masks against the template, drops named."""
+    import datasets
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    from bigray.data.sft import DEFAULT_CHAT_TEMPLATE
+
+    rng = random.Random(3)
+    convs = [[{"role": "user", "content": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))},
+              {"role": "assistant", "content": f"answer {i}: " + " ".join(rng.choice(WORDS) for _ in range(3))}]
+             for i in range(40)]
+    convs[7] = [{"role": "user", "content": "no reply"}]
+    convs[9] = [{"role": "user", "content": "long " * 80}, {"role": "assistant", "content": "x"}]
+    datasets.Dataset.from_dict({"messages": convs}).save_to_disk(str(tmp_path / "ds"))
+    extra = tmp_path / "more.jsonl"
+    extra.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n" +
+                     json.dumps({"messages": [{"role": "wizard", "content": "?"}]}) + "\n")
+    out = tmp_path / "out"
+    result = prepare(cfg_for([tmp_path / "ds", extra], out, tokenizer_dir, "data.task=sft", "data.partitions=2",
+                             "data.seq_len=127"))
+
+    manifest = result.manifest
+    arrow = str(tmp_path / "ds" / "data-00000-of-00001.arrow")
+    assert result.dropped == {"no_assistant_turn": 1, "too_long": 1, "unknown_role": 1}
+    assert result.drop_examples == {"no_assistant_turn": f"{arrow}#7", "too_long": f"{arrow}#9",
+                                    "unknown_role": f"{extra}:2"}
+    assert manifest["splits"]["train"]["columns"] == ["tokens", "loss_mask", "segment_ids"]
+    assert manifest["sft"]["chat_template"] == DEFAULT_CHAT_TEMPLATE and manifest["sft"]["train_on"] == "assistant"
+    check_blocks(str(out), manifest)
+    table = pa.concat_tables([pq.read_table(f) for f in sorted(out.glob("train-*.parquet"))])
+    assert table.schema.names == ["tokens", "loss_mask", "segment_ids"]
+    tokens, mask, seg = (np.stack(table[c].to_numpy(zero_copy_only=False)) for c in table.schema.names)
+    assert mask.dtype == np.uint8 and seg.dtype == np.int32 and tokens.shape == mask.shape == (len(table), 128)
+    assert len(np.unique(seg[0])) > 2, "several conversations share a row"
+    assert load_split(str(out), "train").columns() == ["tokens", "loss_mask", "segment_ids"]
+    assert manifest["stats"]["pad_tokens"]["train"] == int((mask == 0).sum() - sum(
+        (m[s == d] == 0).sum() for t, m, s in zip(tokens, mask, seg) for d in np.unique(s) if m[s == d].any()))
+
+    # The reference: HF renders the prompt with the template saved beside the shards and tokenizes it; each
+    # document of a row is that prompt (mask 0) then the assistant's reply and EOS (mask 1), then a newline.
+    tok = AutoTokenizer.from_pretrained(out / "tokenizer", local_files_only=True)
+    assert tok.chat_template == DEFAULT_CHAT_TEMPLATE
+    wanted = {}
+    for c in [*convs, [{"role": "user", "content": "p"}, {"role": "assistant", "content": "c"}]]:
+        prompt = tok.apply_chat_template(c[:1], add_generation_prompt=True, tokenize=False)
+        reply = tok(" " + c[-1]["content"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+        wanted[tuple(tok(prompt, add_special_tokens=False)["input_ids"])] = reply
+    seen = 0
+    for t, m, s in zip(tokens, mask, seg):
+        for d in np.unique(s):
+            ids, targets = t[s == d].tolist(), m[s == d]
+            if not targets.any():
+                continue  # padding
+            n = int(np.argmax(targets))
+            assert wanted[tuple(ids[:n])] == ids[n: n + int(targets.sum())] and not targets[n:].all()
+            assert targets[n: n + int(targets.sum())].all()
+            seen += 1
+    assert seen == result.docs_kept == 39
+
+    # The same dir on S3: found by its state.json, its Arrow file streamed through the Store's filesystem.
+    from bigray.config import DataConfig
+    from bigray.data.read import records, resolve_inputs
+    from bigray.storage import Store
+
+    Store().copy_dir(str(tmp_path / "ds"), s3.uri("chats-ds"))
+    files = resolve_inputs(DataConfig(inputs=[s3.uri("chats-ds")]), Store())
+    assert [(f.uri, f.format) for f in files] == [(s3.uri("chats-ds", "data-00000-of-00001.arrow"), "arrow")]
+    assert [r[1]["messages"] for r in records(files[0], None, Store())] == convs
