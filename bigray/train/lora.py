@@ -43,9 +43,10 @@ def wrap(module, config, base_model: str | None):
     """peft's model around `module` (base frozen, adapters trainable), recording `base_model` as its base."""
     import peft
 
+    # get_peft_model records the local dir the base was loaded from (a temp copy of an s3:// base, and warns of the
+    # rename): the adapter must name the base it can be found at again.
+    config.base_model_name_or_path = None
     model = peft.get_peft_model(module, config)
-    # get_peft_model records the local dir the base was loaded from (a temp copy of an s3:// base): the adapter must
-    # name the base it can be found at again.
     model.peft_config["default"].base_model_name_or_path = base_model
     return model
 
