@@ -49,6 +49,7 @@ from bigray.data.sft import BadRecord, ChatFormat, chat_format, encode_pieces, t
 from bigray.data.tokenizer import (
     TokenizerInfo,
     backend,
+    copy_tokenizer,
     fit_tokenizer,
     load_tokenizer,
     sample_format,
@@ -168,7 +169,7 @@ def write_dataset(data: DataConfig, store: Store, output: str, files: list[Input
 
     tok_out = join(output, "tokenizer")
     if tok.uri.rstrip("/") != tok_out:
-        store.copy_dir(tok.uri, tok_out)
+        copy_tokenizer(tok.uri, tok_out, store)
     if fmt is not None and fmt.template != tok.chat_template:
         # The trained model is exported with this tokenizer dir, so bigray serve renders chats as training did.
         save_chat_template(tok_out, fmt.template, store)

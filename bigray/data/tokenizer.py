@@ -128,7 +128,11 @@ def load_tokenizer(uri: str, store: Store) -> TokenizerInfo:
     if not store.exists(uri):
         raise DataError(f"data.tokenizer: {uri} does not exist; train one with `bigray tokenizer train` "
                         "or set data.tokenizer=null")
-    local = store.local_dir(uri)
+    if is_remote(uri):
+        local = tempfile.mkdtemp(prefix="bigray-tok-")
+        copy_tokenizer(uri, local, store)  # not the weights of a model dir the tokenizer lives in
+    else:
+        local = store.filesystem(uri)[1]
     try:
         tok = AutoTokenizer.from_pretrained(local, local_files_only=True)
     except (OSError, ValueError) as exc:
@@ -144,6 +148,26 @@ def load_tokenizer(uri: str, store: Store) -> TokenizerInfo:
     specials = tuple(sorted((k, v) for k, v in tok.special_tokens_map.items() if isinstance(v, str)))
     return TokenizerInfo(uri, text, local, len(tok), tok.eos_token_id, hashlib.sha256(text.encode()).hexdigest(),
                          template, specials)
+
+
+# A tokenizer often lives in a model dir (data.tokenizer = model.pretrained): its weights and config must not
+# travel with it, or an 8b dir is copied into the shards and the export ships the base model's weights.
+MODEL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt", ".onnx", ".index.json")
+MODEL_FILES = frozenset({"config.json", "generation_config.json"})
+
+
+def is_tokenizer_file(name: str) -> bool:
+    return name not in MODEL_FILES and not name.endswith(MODEL_SUFFIXES)
+
+
+def copy_tokenizer(src: str, dst: str, store: Store) -> None:
+    """Copy the files of the tokenizer dir `src` to `dst` (local or s3://), leaving any model files beside them."""
+    import pyarrow.fs as pafs
+
+    fs, path = store.filesystem(src)
+    for info in fs.get_file_info(pafs.FileSelector(path)):
+        if info.type == pafs.FileType.File and is_tokenizer_file(info.base_name):
+            store.write_bytes(join(dst, info.base_name), store.read_bytes(join(src, info.base_name)))
 
 
 def save_chat_template(uri: str, template: str, store: Store) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bigray.data.tokenizer import EOS, backend, load_tokenizer, train_bpe
+from bigray.data.tokenizer import EOS, backend, copy_tokenizer, load_tokenizer, train_bpe
 from bigray.errors import DataError
 from bigray.storage import Store
 
@@ -29,3 +29,17 @@ def test_load_tokenizer_errors_name_the_dir(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="not a loadable HF tokenizer dir"):
         load_tokenizer(str(tmp_path / "empty"), Store())
+
+
+def test_a_tokenizer_in_a_model_dir_travels_without_the_model(tmp_path):
+    """data.tokenizer = model.pretrained: the shards' tokenizer/ (copied into every checkpoint and the export)
+    must not carry the base model's weights or config, or the export ships the base model."""
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    train_bpe(TEXTS, 300, str(model_dir))
+    tokenizer_files = sorted(p.name for p in model_dir.iterdir())
+    for name in ("model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                 "pytorch_model.bin", "config.json", "generation_config.json"):
+        (model_dir / name).write_bytes(b"weights")
+    copy_tokenizer(str(model_dir), str(out), Store())
+    assert sorted(p.name for p in out.iterdir()) == tokenizer_files
+    assert load_tokenizer(str(out), Store()).vocab_size == 300
