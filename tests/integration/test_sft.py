@@ -19,8 +19,7 @@ CHATS = [("Capital of France?", "Paris."), ("Capital of Japan?", "Tokyo."), ("Co
 
 
 def pretrained_dir(path: str) -> str:
-    """A tiny Llama and bigray's BPE (trained on the chats' words), saved like any HF model dir (also at
-    `path`-tokenizer, alone: what data.tokenizer names)."""
+    """A tiny Llama and bigray's BPE (trained on the chats' words), saved like any HF model dir."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
@@ -30,7 +29,6 @@ def pretrained_dir(path: str) -> str:
 
     texts = [f"user: {q}\nassistant: {a}\n" for q, a in CHATS] * 50
     train_bpe(texts, 512, path)
-    train_bpe(texts, 512, f"{path}-tokenizer")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     torch.manual_seed(0)
     LlamaForCausalLM(model_config(ModelConfig(preset="tiny"), len(tok), 128, tok.eos_token_id)).save_pretrained(path)
@@ -49,7 +47,7 @@ def test_sft_chat_end_to_end(ray_cluster, tmp_path):
     records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHATS]
     Dataset.from_list(records * 6).save_to_disk(str(tmp_path / "chats"))  # repeated: enough rows for a few batches
     cfg = load_config(overrides=[
-        "data.task=sft", f"data.inputs=['{tmp_path / 'chats'}']", f"data.tokenizer={model}-tokenizer",
+        "data.task=sft", f"data.inputs=['{tmp_path / 'chats'}']", f"data.tokenizer={model}",  # the usual SFT setup: the model dir's own tokenizer
         "data.dedup=none",
         f"data.output={tmp_path / 'data'}", "data.seq_len=64", "data.val_fraction=0.0", "data.block_rows=1",
         f"model.pretrained={model}", "train.num_workers=2", "train.micro_batch_size=2", "train.precision=fp32",
