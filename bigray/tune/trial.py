@@ -199,7 +199,9 @@ class Trial(Trainable):
                 continue
             name = metrics.pop("_checkpoint")
             if name:
-                self.last_checkpoint = {"checkpoint": join(self.run.run_dir, name), "step": metrics["step"]}
+                # A background-written checkpoint holds an earlier step than the report it rides on.
+                step = metrics.get("checkpoint_step", metrics["step"])
+                self.last_checkpoint = {"checkpoint": join(self.run.run_dir, name), "step": step}
                 self.new_checkpoint = True
             done = metrics["step"] >= self.cfg.train.max_steps
             if self.cfg.tune.metric not in metrics and not done:
