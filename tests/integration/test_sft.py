@@ -47,8 +47,8 @@ def test_sft_chat_end_to_end(ray_cluster, tmp_path):
     records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in CHATS]
     Dataset.from_list(records * 6).save_to_disk(str(tmp_path / "chats"))  # repeated: enough rows for a few batches
     cfg = load_config(overrides=[
-        "data.task=sft", f"data.inputs=['{tmp_path / 'chats'}']", f"data.tokenizer={model}",  # the usual SFT setup: the model dir's own tokenizer
-        "data.dedup=none",
+        # data.tokenizer is the model dir itself: the usual SFT setup.
+        "data.task=sft", f"data.inputs=['{tmp_path / 'chats'}']", f"data.tokenizer={model}", "data.dedup=none",
         f"data.output={tmp_path / 'data'}", "data.seq_len=64", "data.val_fraction=0.0", "data.block_rows=1",
         f"model.pretrained={model}", "train.num_workers=2", "train.micro_batch_size=2", "train.precision=fp32",
         "train.lr=3e-3", "train.min_lr=3e-3", "train.warmup_steps=0", "train.weight_decay=0.0", "train.max_steps=100",
