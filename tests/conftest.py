@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import uuid
@@ -69,6 +70,30 @@ def start_local_ray():
     # placement group cleaner needs to free the group of a controller that died.
     init_loopback_cluster(num_cpus=4, include_dashboard=True, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@contextlib.contextmanager
+def loopback_cluster(head_cpus: float, node_cpus: list[float], dashboard: bool = False):
+    """Several Ray nodes on loopback (ray.cluster_utils.Cluster) in place of the session's cluster, which is
+    started again afterwards for the tests that follow."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    restart = ray.is_initialized()
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus, "node_ip_address": "127.0.0.1",
+                                                            "include_dashboard": dashboard})
+    for cpus in node_cpus:
+        cluster.add_node(num_cpus=cpus, node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if restart:
+            start_local_ray()
 
 
 @pytest.fixture(scope="session")

@@ -252,24 +252,12 @@ def test_s3_outage_during_an_upload_never_hangs_nor_commits_the_cut_checkpoint(u
 
 @pytest.fixture
 def three_nodes(shards):
-    """A head plus three 2-CPU nodes on loopback (ray.cluster_utils.Cluster): two for the workers, one spare."""
-    import ray
-    from ray.cluster_utils import Cluster
+    """A head plus three 2-CPU nodes on loopback: two for the workers, one spare."""
+    from tests.conftest import loopback_cluster
 
-    from tests.conftest import start_local_ray
-
-    ray.shutdown()
     # The head takes no work (0 CPUs); its dashboard serves the State API that finds the workers' nodes.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": True})
-    for _ in range(3):
-        cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-    start_local_ray()  # the session's single-node cluster, for the tests after this one
+    with loopback_cluster(head_cpus=0, node_cpus=[2, 2, 2], dashboard=True) as cluster:
+        yield cluster
 
 
 @pytest.mark.slow

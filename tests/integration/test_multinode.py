@@ -11,21 +11,10 @@ from bigray.train.metrics import read_records
 
 @pytest.fixture
 def two_nodes(shards):
-    import ray
-    from ray.cluster_utils import Cluster
+    from tests.conftest import loopback_cluster
 
-    from tests.conftest import start_local_ray
-
-    ray.shutdown()
-    head = {"num_cpus": 2, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    cluster.add_node(num_cpus=2, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-    start_local_ray()  # the session's single-node cluster, for the tests after this one
+    with loopback_cluster(head_cpus=2, node_cpus=[2]) as cluster:
+        yield cluster
 
 
 def test_one_worker_per_node(two_nodes, shards, tmp_path):

@@ -351,33 +351,23 @@ def test_optuna_searcher(shards, s3, ray_cluster):
 
 @pytest.fixture
 def busy_head():
-    """Two nodes on loopback (ray.cluster_utils.Cluster); the head's CPU mostly held, so Ray would place elsewhere."""
+    """Two nodes on loopback; the head's CPU mostly held, so Ray would place elsewhere."""
     import ray
-    from ray.cluster_utils import Cluster
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from tests.conftest import start_local_ray
+    from tests.conftest import loopback_cluster
 
-    restart = ray.is_initialized()
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
-                                                            "include_dashboard": False})
-    cluster.add_node(num_cpus=4, node_ip_address="127.0.0.1")
-    ray.init(address=cluster.address, log_to_driver=False)
+    with loopback_cluster(head_cpus=1, node_cpus=[4]) as cluster:
 
-    @ray.remote(num_cpus=0.9)
-    class Hold:
-        def ready(self):
-            return True
+        @ray.remote(num_cpus=0.9)
+        class Hold:
+            def ready(self):
+                return True
 
-    on_head = NodeAffinitySchedulingStrategy(cluster.head_node.node_id, soft=False)
-    hold = Hold.options(scheduling_strategy=on_head).remote()
-    ray.get(hold.ready.remote())
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-    if restart:
-        start_local_ray()  # the session's single-node cluster, for the tests after this one
+        on_head = NodeAffinitySchedulingStrategy(cluster.head_node.node_id, soft=False)
+        hold = Hold.options(scheduling_strategy=on_head).remote()
+        ray.get(hold.ready.remote())
+        yield cluster
 
 
 @pytest.mark.slow
