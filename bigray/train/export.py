@@ -11,6 +11,7 @@ import tempfile
 
 import pyarrow.fs as pafs
 
+from bigray.data.tokenizer import copy_tokenizer
 from bigray.errors import BigrayError, DataError
 from bigray.storage import Store, join
 from bigray.train import lora
@@ -174,7 +175,9 @@ def export(run_dir: str, out_dir: str, store: Store, checkpoint: str | None = No
         out = os.path.join(work, "export")
         model.to(getattr(torch, dtype)).save_pretrained(out, safe_serialization=True)  # peft: the adapter only
         generation.save_pretrained(out)
-        store.copy_dir(os.path.join(local, "tokenizer"), out)
+        # Tokenizer files only: a checkpoint of a run prepared before bigray filtered them may carry the base
+        # model's weights and config beside its tokenizer, which would overwrite the fine-tuned ones.
+        copy_tokenizer(os.path.join(local, "tokenizer"), out, store)
         store.copy_dir(out, out_dir)
     return ExportResult(out_dir=out_dir, checkpoint=ckpt_uri, step=meta["step"], probe_max_abs_diff=diff, dtype=dtype,
                         adapter_only=adapter_only, merge_max_abs_diff=merge_diff)

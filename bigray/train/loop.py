@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow.fs as pafs
 
 from bigray.config import ModelConfig, TrainConfig, deep_merge
+from bigray.data.tokenizer import copy_tokenizer
 from bigray.errors import BigrayError
 from bigray.runtime import quiet_ray_console
 from bigray.storage import Store
@@ -453,7 +454,7 @@ def save_checkpoint(engine, step: int, run: RunContext, out_dir: str) -> None:
     if run.rank == 0:
         run.hf_cfg.save_pretrained(os.path.join(out_dir, "hf"))
         save_adapter_config(engine.module, out_dir)
-        run.store.copy_dir(run.tokenizer_dir, os.path.join(out_dir, "tokenizer"))
+        copy_tokenizer(run.tokenizer_dir, os.path.join(out_dir, "tokenizer"), run.store)
         torch.save({"input_ids": probe.cpu(), "logits": probe_logits}, os.path.join(out_dir, "probe.pt"))
         meta = {"step": step, "precision": run.precision, "tag": CKPT_TAG, "zero_stage": run.train.zero_stage,
                 "world_size": run.world, "run_dir": run.run_dir, "resume": run.resume_keys,
