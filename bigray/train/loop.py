@@ -378,6 +378,8 @@ class Checkpointer:
     def __init__(self, run: RunContext):
         self.run = run
         self.pending: Written | None = None
+        self.writer = None  # background: one HostCopyWriter for the run, its host buffers reused by each checkpoint
+        remove_stale_dirs()
 
     def for_report(self, engine, step: int) -> Written | None:
         """The checkpoint to attach to this step's report, if any (its `step` may be earlier)."""
@@ -391,7 +393,11 @@ class Checkpointer:
             if ready is not None:  # superseded by the last step's own checkpoint in the same report
                 shutil.rmtree(ready.out_dir, ignore_errors=True)
             return write_checkpoint(engine, step, self.run, background=False)
-        self.pending = write_checkpoint(engine, step, self.run, background=True)
+        if self.writer is None:
+            from bigray.train.checkpoint_writer import HostCopyWriter
+
+            self.writer = HostCopyWriter()
+        self.pending = write_checkpoint(engine, step, self.run, background=True, writer=self.writer)
         return ready
 
 
@@ -403,29 +409,34 @@ def _all_ranks(flag: bool, device) -> bool:
     return bool(value.item())
 
 
-def write_checkpoint(engine, step: int, run: RunContext, background: bool) -> Written:
+def write_checkpoint(engine, step: int, run: RunContext, background: bool, writer=None) -> Written:
     """This rank's checkpoint of `step` in a fresh local dir; with `background`, its large files are written by a
-    thread from a host copy of the state (`checkpoint_writer.HostCopyWriter`). Collective."""
-    out_dir = tempfile.mkdtemp(prefix="bigray-ckpt-")
+    thread from a host copy of the state (`writer`, a `checkpoint_writer.HostCopyWriter` whose previous write
+    has finished). Collective."""
+    from bigray.train import checkpoint_writer
+
+    out_dir = local_dir("bigray-ckpt-")
     written = Written(step, out_dir)
     try:
         if not background:
             save_checkpoint(engine, step, run, out_dir)
             return written
-        from bigray.train.checkpoint_writer import HostCopyWriter
-
-        writer = HostCopyWriter()
         inline, engine.checkpoint_engine = engine.checkpoint_engine, writer
         try:
             save_checkpoint(engine, step, run, out_dir)
         finally:
             engine.checkpoint_engine = inline
+        if writer.copied is not None:  # CUDA: copies still in flight must land before the optimizer changes states
+            checkpoint_writer.before_next_step(engine.optimizer, writer.wait_copied)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
     def write():
         try:
+            # Measured on the 2-core box (README, benchmarks/checkpoint.py): the writer at nice 19 costs training
+            # less, where training and the writer share the cores.
+            checkpoint_writer.yield_cpu()
             writer.write_all()
         except BaseException as exc:  # noqa: BLE001 - re-raised on the training thread by Written.finish
             written.error = exc
@@ -433,6 +444,37 @@ def write_checkpoint(engine, step: int, run: RunContext, background: bool) -> Wr
     written.thread = threading.Thread(target=write, name=f"bigray-ckpt-{step}", daemon=True)
     written.thread.start()
     return written
+
+
+# Local dirs a worker writes checkpoints to or restores from carry its pid: a dir whose process is gone (a worker
+# killed mid-write or mid-upload, which Ray's upload would have deleted) is removed by the next worker on the node.
+LOCAL_DIR_PREFIXES = ("bigray-ckpt-", "bigray-restore-")
+
+
+def local_dir(prefix: str) -> str:
+    return tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-")
+
+
+def remove_stale_dirs(root: str | None = None) -> list[str]:
+    """Remove the `local_dir`s under `root` (the temp dir) whose writing process has exited; returns them."""
+    root = root or tempfile.gettempdir()
+    stale = []
+    for name in os.listdir(root):
+        m = re.fullmatch(rf"(?:{'|'.join(LOCAL_DIR_PREFIXES)})(\d+)-\w+", name)
+        if m and not _alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            stale.append(name)
+    return stale
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save_checkpoint(engine, step: int, run: RunContext, out_dir: str) -> None:
@@ -511,7 +553,8 @@ def restore(engine, rank: int, world: int, resume: Resume | None, agree: dict) -
         return 0
     fs, path = resume.checkpoint.filesystem, resume.checkpoint.path.rstrip("/")
     check_resume(resume.meta.get("resume", {}), agree, path)
-    with tempfile.TemporaryDirectory(prefix="bigray-restore-") as d:
+    d = local_dir("bigray-restore-")
+    try:
         if resume.elastic(world):
             source = universal_checkpoint(fs, path, resume.meta["tag"], rank)
             fetch_files(fs, source, d, lambda rels: rels)
@@ -524,6 +567,8 @@ def restore(engine, rank: int, world: int, resume: Resume | None, agree: dict) -
         rng = os.path.join(d, "rng", f"rank_{rank}.pt")
         if os.path.exists(rng):  # a rank the checkpoint did not have keeps its seeded RNG
             _set_rng_state(torch.load(rng, weights_only=False))
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
     return client_state["step"]
 
 

@@ -99,3 +99,19 @@ def test_resume_keys_record_the_model_shape():
     assert recorded["model.hidden_size"] == 64 and recorded["model.num_hidden_layers"] == 2
     with pytest.raises(BigrayError, match=r"model.hidden_size: checkpoint 64, this run 128"):
         check_resume(recorded, resume_keys(t, 2, {}, "fp32", wide), "ckpt")
+
+
+def test_stale_local_dirs_of_exited_workers_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    from bigray.train.loop import remove_stale_dirs
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    names = [f"bigray-ckpt-{dead}-ab_c1", f"bigray-restore-{dead}-x9", f"bigray-ckpt-{os.getpid()}-live",
+             "bigray-ckpt-nopid", f"other-{dead}-x"]
+    for name in names:
+        (tmp_path / name / "ds").mkdir(parents=True)
+    assert sorted(remove_stale_dirs(str(tmp_path))) == sorted(names[:2])
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
