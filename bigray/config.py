@@ -363,6 +363,11 @@ class ServeConfig(Section):
     access_log: bool = Field(
         False, description="hf engine: Serve logs one access line per request (off: less work per request)"
     )
+    ingress: Literal["proxy", "haproxy"] = Field(
+        "proxy",
+        description="proxy: Serve's Python proxy on port; haproxy: Serve's HAProxy there, sending HTTP straight to "
+        "the replicas (RAY_SERVE_ENABLE_HA_PROXY; only for a Ray that bigray starts; opens ports on all interfaces)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on GPU"
     )

@@ -8,17 +8,21 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import urllib.error
 import urllib.request
 
-from bigray.config import Config, ServeConfig, apply_overrides, load_config, require
+from bigray.config import Config, RayConfig, ServeConfig, apply_overrides, load_config, require
 from bigray.errors import BigrayError, ConfigError
 from bigray.serve.app import OpenAIServer, api_key_digest
 from bigray.serve.vllm import build_vllm_app, deployment_config
 from bigray.storage import Store, join
 
 APP_NAME = "bigray"
+# Serve reads it where each Ray process starts: HAProxy (C) listens on serve.port and forwards HTTP straight to the
+# replicas' own ports (Serve's "direct ingress"), instead of Serve's Python proxy and its two actor calls a request.
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
 
 
 def build_app(cfg: Config):
@@ -64,7 +68,10 @@ def start(cfg: Config, timeout_s: float = 300.0) -> str:
     from bigray.runtime import init_ray
 
     app = build_app(cfg)  # config errors surface before Ray starts
-    init_ray(cfg.ray)
+    if cfg.serve.ingress == "haproxy":
+        _init_ray_with(HAPROXY_ENV, cfg.serve, cfg.ray)
+    else:
+        init_ray(cfg.ray)
     http = {"host": cfg.serve.host, "port": cfg.serve.port}
     if cfg.serve.request_timeout_s:
         # The proxy's own limit, a backstop for the replica's per-request deadline.
@@ -90,6 +97,30 @@ def start(cfg: Config, timeout_s: float = 300.0) -> str:
                 f"serve: {probe} not healthy after {timeout_s:.0f} s; see the replica logs (ray logs / the dashboard)"
             )
         time.sleep(0.5)
+
+
+def _init_ray_with(env: dict[str, str], s: ServeConfig, ray_cfg: RayConfig) -> None:
+    """Start a local Ray whose processes inherit `env`; this process's own environment is left as it was."""
+    import ray
+
+    from bigray.runtime import init_ray
+
+    if ray.is_initialized() or ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+        raise ConfigError(
+            f"serve.ingress={s.ingress} needs {' '.join(f'{k}={v}' for k, v in env.items())} where Ray "
+            "starts, so bigray can set it only for a Ray it starts itself; on a running cluster set it where each "
+            "node's Ray starts (ray start, KubeRay's container env): Serve then uses HAProxy for every app"
+        )
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        init_ray(ray_cfg)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
 
 
 def stop() -> None:

@@ -76,3 +76,16 @@ def test_app_builder_args_are_not_parsed_again(model_dir, monkeypatch):
     dep = app_builder({"model": model_dir, "api_key": "abc #x", "model_name": "null"})._bound_deployment
     assert dep.init_args[2] == hashlib.sha256(b"abc #x").digest()
     assert dep.init_args[0]["model_name"] == "null" and dep.init_args[0]["api_key"] is None
+
+
+def test_haproxy_ingress_refused_where_bigray_does_not_start_ray(model_dir, monkeypatch):
+    """Serve reads RAY_SERVE_ENABLE_HA_PROXY where Ray starts: on a cluster bigray only connects to, it cannot apply."""
+    import os
+
+    from bigray.serve import start
+
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
+    cfg = load_config(overrides=[f"serve.model={model_dir}", "serve.ingress=haproxy", "ray.address=auto"])
+    with pytest.raises(ConfigError, match="RAY_SERVE_ENABLE_HA_PROXY=1 where Ray starts"):
+        start(cfg)
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
