@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -142,6 +143,7 @@ def main() -> None:
     parser.add_argument("--workers", default="2,1", help="training workers of each regime, measured in turn")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--every", type=int, default=5, help="checkpoint_every of the runs that checkpoint")
+    parser.add_argument("--log-every", type=int, default=1)
     parser.add_argument("--preset", default="125m")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=1)
@@ -150,16 +152,32 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     work = tempfile.mkdtemp(prefix="bigray-bench-ckpt-")
-    clock = os.path.join(work, "steps.jsonl")
     server = moto_server()
+    try:
+        tables, size = measure(args, work)
+    finally:
+        import ray
 
-    import ray
+        ray.shutdown()
+        server.terminate()
+        server.wait()
+        shutil.rmtree(work, ignore_errors=True)
+    n = (args.steps - 1) // args.every
+    print(f"\n{args.preset} preset, ZeRO-2, fp32, micro batch {args.micro_batch}, seq_len {args.seq_len}, "
+          f"{args.steps} steps, log every {args.log_every}, checkpoint every {args.every} ({n} intermediate, "
+          f"{size / 2**20:.0f} MiB each) to local moto S3 (own process, nice 19); shared noisy 2-core box")
+    print("\n\n".join(tables))
+
+
+def measure(args, work: str) -> tuple[list[str], int]:
+    """Each regime's runs in turn; returns a table per regime and the bytes of one checkpoint."""
     import ray.data
 
     from bigray.data import prepare
     from bigray.ray_compat import init_loopback_cluster
     from bigray.train.trainer import train
 
+    clock = os.path.join(work, "steps.jsonl")
     init_loopback_cluster(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                           runtime_env={"worker_process_setup_hook": step_clock(clock)})
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -170,9 +188,9 @@ def main() -> None:
     for workers in map(int, args.workers.split(",")):
         common = [f"data.output={work}/data", f"train.storage_path={RUNS}", f"model.preset={args.preset}",
                   f"train.num_workers={workers}", "train.zero_stage=2", "train.precision=fp32",
-                  f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}", "train.log_every=1",
-                  f"train.eval_every={args.steps}", "train.warmup_steps=2", "train.keep_checkpoints=1",
-                  "train.export=false"]
+                  f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}",
+                  f"train.log_every={args.log_every}", f"train.eval_every={args.steps}", "train.warmup_steps=2",
+                  "train.keep_checkpoints=1", "train.export=false"]
         loops, walls, waits, threads, started = {}, {}, {}, 0, time.strftime("%H:%M", time.gmtime())
         for mode in modes:
             every = args.steps if mode.startswith("none") else args.every
@@ -186,13 +204,7 @@ def main() -> None:
         size = sum(i.size for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                    if i.type == pafs.FileType.File and "/checkpoint_" in i.path)
         tables.append(table(workers, threads, modes, loops, walls, waits, args, n, started))
-    ray.shutdown()
-    server.terminate()
-    server.wait()
-    print(f"\n{args.preset} preset, ZeRO-2, fp32, micro batch {args.micro_batch}, seq_len {args.seq_len}, "
-          f"{args.steps} steps, checkpoint every {args.every} ({n} intermediate, {size / 2**20:.0f} MiB each) to "
-          f"local moto S3 (own process, nice 19); shared noisy 2-core box")
-    print("\n\n".join(tables))
+    return tables, size
 
 
 def table(workers: int, threads: int, modes: list[str], loops: dict, walls: dict, waits: dict, args, n: int,
