@@ -45,6 +45,8 @@ VARIANTS = {
     "user code on the replica's main loop": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"},
     "throughput-optimized, proxy kept": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"},
     "throughput-optimized, direct ingress": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # bigray's own option: Serve's HAProxy on serve.port in front of the replicas' direct-ingress ports.
+    "serve.ingress=haproxy": {},
 }
 
 
@@ -204,6 +206,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--per-client", type=int, default=4, help="requests each client sends")
     parser.add_argument("--repeats", type=int, default=20, help="single requests timed for the overhead (median)")
+    parser.add_argument(
+        "--ingress", choices=["proxy", "haproxy"], default="proxy", help="serve.ingress (haproxy: Serve's HAProxy)"
+    )
     parser.add_argument("--variants", action="store_true", help="only the HTTP overhead, once per Serve setting")
     parser.add_argument("--profile", metavar="DIR", help="with --variants: py-spy the proxy and replica into DIR")
     args = parser.parse_args()
@@ -215,7 +220,7 @@ def main() -> None:
     from ray import serve
 
     from bigray.config import load_config
-    from bigray.runtime import free_port, init_ray
+    from bigray.runtime import free_port
     from bigray.serve import build_app, start, stop
     from bigray.serve.engine import Engine
 
@@ -229,8 +234,8 @@ def main() -> None:
         "serve.max_ongoing_requests=64",
         "serve.batch_wait_timeout_s=0.01",
         f"ray.num_cpus={2 * args.num_cpus + 1}",
+        f"serve.ingress={args.ingress}",
     ]
-    init_ray(load_config(overrides=base).ray)
     levels = [1, 8, 32]
     results: dict[str, dict[int, float]] = {"batched": {}, "unbatched": {}}
     prompt = prompts(1)[0]
@@ -268,7 +273,7 @@ def main() -> None:
 
     print(
         f"\nmodel {model_dir} ({args.model and 'given' or args.preset}), replica {args.num_cpus} CPUs, "
-        f"max_tokens {args.max_tokens}"
+        f"max_tokens {args.max_tokens}, serve.ingress={args.ingress}"
     )
     print(f"{'clients':>8} {'batched tok/s':>14} {'unbatched tok/s':>16} {'ratio':>7}")
     for c in levels:
@@ -286,6 +291,10 @@ def main() -> None:
     print(
         f"engine steps per request: in the replica {steps_replica * 1e3:.1f} ms, in-process {steps_local * 1e3:.1f} ms"
     )
+    # The overhead less the difference in engine-step time: what the HTTP path itself (ingress, body, JSON, event
+    # loops) adds, apart from the same engine simply running slower or faster in the replica's process on a busy box.
+    path_s = (http_s - steps_replica) - (engine_s - steps_local)
+    print(f"HTTP path outside the engine steps: {path_s * 1e3:.1f} ms = {path_s / engine_s:.1%} of the completion")
     ratio = results["batched"][32] / results["unbatched"][32]
     print(
         f"goals: 32-client batching {ratio:.2f}x (>= 6x: {'met' if ratio >= 6 else 'NOT met'}), "
@@ -325,9 +334,11 @@ def variants(args) -> None:
                 f"serve.num_cpus={args.num_cpus}",
                 "serve.max_batch_size=32",
                 f"ray.num_cpus={args.num_cpus + 1}",
+                *([name] if name.startswith("serve.") else []),
             ]
         )
-        init_ray(cfg.ray)
+        if cfg.serve.ingress == "proxy":
+            init_ray(cfg.ray)  # with the variant's environment; start() starts Ray itself for haproxy
         profile = None
         try:
             url = _start_direct(cfg, replica_port) if direct else start(cfg, timeout_s=180)
