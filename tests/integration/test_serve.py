@@ -558,3 +558,60 @@ def test_cli_serves_until_sigterm(model_dir, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.slow
+def test_cli_serves_through_haproxy_ingress(model_dir, reference):
+    """`bigray serve serve.ingress=haproxy` in its own local Ray: HAProxy itself listens on serve.port and the openai
+    client's greedy completion, stream and chat answer through it as through Serve's proxy; SIGTERM exits 0."""
+    import signal
+
+    import psutil
+    from openai import OpenAI
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bigray",
+            "serve",
+            f"serve.model={model_dir}",
+            f"serve.port={port}",
+            f"serve.model_name={NAME}",
+            "serve.ingress=haproxy",
+            "ray.num_cpus=2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("serving "):
+                break
+        assert f"http://127.0.0.1:{port}" in lines[-1], "".join(lines)
+        listeners = {
+            c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        }
+        assert listeners and {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}, listeners
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == [NAME]
+        prompt = "def encode(self, o):"
+        text, n = reference(prompt, 12)
+        r = client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0)
+        assert r.choices[0].text == text and r.usage.completion_tokens == n
+        chunks = list(client.completions.create(model=NAME, prompt=prompt, max_tokens=12, temperature=0, stream=True))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+        assert client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        ).choices
+        assert post(f"http://127.0.0.1:{port}/v1/completions", {"model": NAME, "prompt": 5})[0] == 400
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
