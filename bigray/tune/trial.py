@@ -226,7 +226,10 @@ class Trial(Trainable):
 
         if self.thread is None or (self.done and not wait_if_done):
             return
-        self.thread.join(timeout=10)  # a finished run is just returning from fit()
+        if self.done or self.controller is None:
+            # A finished run is just returning from fit(); one stopped before its first report has no controller
+            # to abort yet. A run still training is aborted at once: waiting for it would idle the slot.
+            self.thread.join(timeout=10)
         if not self.thread.is_alive() or self.controller is None:
             return
         # Stopped early (ASHA, PBT, Ctrl-C): the controller stops its workers and placement group, then exits.
