@@ -15,6 +15,8 @@ steps-trained ratio it also prints is what the scheduler saved apart from that s
 Measured on the 2-core CI box (tiny preset, seq_len 64, 2 trials at a time): 3000 steps, ASHA
 977 s / FIFO 1531 s = 0.64x wall, 0.49x steps trained (11,700 / 24,000), same best val_loss
 (2.9455, +0.00%); 1000 steps: 0.64x (518 / 803 s), same best (3.4013).
+2026-11-24 04:48-04:59 UTC, --steps 1000, 4 at once, reused actors (shared box): 0.73x (266 / 362 s),
+0.36x steps, same best (3.4118); start-up 54 s/trial (FIFO), 66 s (ASHA, incl. 11-12 s per reused slot since cut).
 """
 
 from __future__ import annotations
