@@ -17,6 +17,8 @@ Measured on the 2-core CI box (tiny preset, seq_len 64, 2 trials at a time): 300
 (2.9455, +0.00%); 1000 steps: 0.64x (518 / 803 s), same best (3.4013).
 2026-11-24 04:48-04:59 UTC, --steps 1000, 4 at once, reused actors (shared box): 0.73x (266 / 362 s),
 0.36x steps, same best (3.4118); start-up 54 s/trial (FIFO), 66 s (ASHA, incl. 11-12 s per reused slot since cut).
+After that cut, 05:40-05:51 UTC, same command: 0.67x (208 / 309 s), 0.55x steps, same best (3.4118);
+ASHA start-up 37 s/trial, a reused slot's wait 2.0 s.
 """
 
 from __future__ import annotations
