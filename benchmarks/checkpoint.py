@@ -18,6 +18,10 @@ and upload threads. A checkpoint's cost is the difference from the no-checkpoint
 the training thread spent in the checkpointer (`checkpoint_s`: the write, or the host copy). The no-checkpoint run
 goes first and last (`none`, `none-again`): their difference is the box's noise on the same work.
 `background-nice0` is `background` with the writer thread left at nice 0 (the hook undoes `yield_cpu`).
+"S3 cpu" is the moto server's CPU seconds over the whole run (every checkpoint, the final one included, and the
+data reads): a cost of this box's stand-in for S3 that a real training node does not pay (moto spent 26 s of CPU
+receiving 1.3 GB from pyarrow here, the client 5 s), so `--every` has to leave the spare core time to absorb it,
+as a real checkpoint interval (minutes) leaves the upload time.
 
     python benchmarks/checkpoint.py [--workers 2,1 --steps 20 --every 5 --modes none,sync,async,background]
 """
@@ -131,6 +135,13 @@ def step_clock(log_path: str):
     return hook
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def loop_seconds(log_path: str, run: str) -> tuple[float, int]:
     """Rank 0's wall time from the end of the run's first step to the end of its last, and its torch threads."""
     with open(log_path) as f:
@@ -154,7 +165,7 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bigray-bench-ckpt-")
     server = moto_server()
     try:
-        tables, size = measure(args, work)
+        tables, size = measure(args, work, server.pid)
     finally:
         import ray
 
@@ -169,7 +180,7 @@ def main() -> None:
     print("\n\n".join(tables))
 
 
-def measure(args, work: str) -> tuple[list[str], int]:
+def measure(args, work: str, server_pid: int) -> tuple[list[str], int]:
     """Each regime's runs in turn; returns a table per regime and the bytes of one checkpoint."""
     import ray.data
 
@@ -191,34 +202,37 @@ def measure(args, work: str) -> tuple[list[str], int]:
                   f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}",
                   f"train.log_every={args.log_every}", f"train.eval_every={args.steps}", "train.warmup_steps=2",
                   "train.keep_checkpoints=1", "train.export=false"]
-        loops, walls, waits, threads, started = {}, {}, {}, 0, time.strftime("%H:%M", time.gmtime())
+        loops, walls, waits, s3_cpu, threads = {}, {}, {}, {}, 0
+        started = time.strftime("%H:%M", time.gmtime())
         for mode in modes:
             every = args.steps if mode.startswith("none") else args.every
             name = f"w{workers}-{mode}"
+            server_cpu = cpu_seconds(server_pid)
             out = train(load_config(overrides=[*common, f"train.run_name={name}", f"train.checkpoint_every={every}",
                                                *MODES[mode.removesuffix("-again")]]))
             (loops[mode], threads), walls[mode] = loop_seconds(clock, name), out.wall_s
+            s3_cpu[mode] = cpu_seconds(server_pid) - server_cpu
             # What the training thread waited for intermediate checkpoints (the last step's is in every run).
             waits[mode] = sum(r.get("checkpoint_s", 0) for r in out.records if r["step"] < args.steps)
         fs, path = Store().filesystem(f"{RUNS}/w{workers}-{modes[1]}")
         size = sum(i.size for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                    if i.type == pafs.FileType.File and "/checkpoint_" in i.path)
-        tables.append(table(workers, threads, modes, loops, walls, waits, args, n, started))
+        tables.append(table(workers, threads, modes, loops, walls, waits, s3_cpu, args, n, started))
     return tables, size
 
 
-def table(workers: int, threads: int, modes: list[str], loops: dict, walls: dict, waits: dict, args, n: int,
-          started: str) -> str:
+def table(workers: int, threads: int, modes: list[str], loops: dict, walls: dict, waits: dict, s3_cpu: dict, args,
+          n: int, started: str) -> str:
     base = (loops["none"] + loops["none-again"]) / 2
     step = base / (args.steps - 1)
     lines = [f"{workers} worker(s) of {threads} torch thread(s), started {started} UTC: step {step:.2f} s without "
              f"checkpoints (loop {loops['none']:.1f} s first, {loops['none-again']:.1f} s last: noise "
              f"{100 * abs(loops['none'] - loops['none-again']) / base:.1f}%)",
-             f"  {'mode':<17}{'loop s':>8}{'wall s':>8}{'vs none':>9}{'per ckpt':>10}{'waited':>8}"]
+             f"  {'mode':<17}{'loop s':>8}{'wall s':>8}{'vs none':>9}{'per ckpt':>10}{'waited':>8}{'S3 cpu':>8}"]
     for mode in modes:
         extra = loops[mode] - base
         lines.append(f"  {mode:<17}{loops[mode]:>8.1f}{walls[mode]:>8.1f}{100 * extra / base:>+8.1f}%"
-                     f"{extra / n:>+9.2f}s{waits[mode] / n:>7.2f}s")
+                     f"{extra / n:>+9.2f}s{waits[mode] / n:>7.2f}s{s3_cpu[mode]:>7.1f}s")
     return "\n".join(lines)
 
 
