@@ -16,12 +16,12 @@ import posixpath
 import threading
 import time
 
-from ray.train import UserCallback
 from ray.tune import Trainable
 
 from bigray.config import Config, TrainConfig, TuneConfig, apply_overrides
 from bigray.errors import BigrayError
 from bigray.storage import Store, join
+from bigray.tune.reports import ForwardToTune
 
 POINTER = "bigray-tune.json"
 # Ray gives the head node this resource (checked on Ray 2.60; Ray Train's state actor and Ray Data
@@ -52,28 +52,6 @@ def pointers_kept(tc: TuneConfig, t: TrainConfig) -> int:
         return t.keep_checkpoints
     interval = tc.perturbation_interval or t.checkpoint_every
     return max(t.keep_checkpoints, 2 * (interval // t.checkpoint_every + 1))
-
-
-class ForwardToTune(UserCallback):
-    """Runs in the Ray Train controller: passes rank 0's reports to the trial through a queue.
-
-    Like ray.tune.integration.ray_train.TuneReportCallback, but the trial also learns which Train
-    checkpoint came with a report (for Tune checkpoints) and holds the controller, so that a trial
-    Tune stops can abort its Train run cleanly.
-    """
-
-    def __init__(self, queue, run_name: str):
-        self.queue, self.run_name = queue, run_name
-        self.introduced = False
-
-    def after_report(self, run_context, metrics, checkpoint):
-        import ray
-
-        if not self.introduced:
-            self.queue.put({"_run": self.run_name, "_controller": ray.get_runtime_context().current_actor})
-            self.introduced = True
-        checkpoint = posixpath.basename(checkpoint.path) if checkpoint else None
-        self.queue.put({**metrics[0], "_run": self.run_name, "_checkpoint": checkpoint})
 
 
 class Trial(Trainable):
