@@ -368,6 +368,13 @@ class ServeConfig(Section):
         description="proxy: Serve's Python proxy on port; haproxy: Serve's HAProxy there, sending HTTP straight to "
         "the replicas (RAY_SERVE_ENABLE_HA_PROXY; only for a Ray that bigray starts; opens ports on all interfaces)",
     )
+    niceness: int | None = Field(
+        0,
+        ge=0,
+        le=19,
+        description="hf engine: how much nicer than Ray's own processes the replicas run (RAY_worker_niceness; in a "
+        "Ray that bigray starts also Serve's proxy and controller): 0, the same priority; null: Ray's default, 15",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: float32 on CPU, bfloat16 on GPU"
     )

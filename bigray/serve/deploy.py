@@ -23,6 +23,12 @@ APP_NAME = "bigray"
 # Serve reads it where each Ray process starts: HAProxy (C) listens on serve.port and forwards HTTP straight to the
 # replicas' own ports (Serve's "direct ingress"), instead of Serve's Python proxy and its two actor calls a request.
 HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# NOTE: Ray renices every worker process by RAY_worker_niceness (15) when it starts: a replica then gets ~1/30 of a
+# core's share beside any process at the default priority (another job, Ray's own daemons). Beside one busy nice-0
+# process on 2 cores, the same engine took 1,039 ms per 32-token completion in an actor at 15, 369 ms at 0 and 367 ms
+# in the driver (benchmarks/serve_replica.py). A replica is a latency-bound service, not a background task, so
+# serve.niceness defaults to 0.
+NICENESS_ENV = "RAY_worker_niceness"
 
 
 def build_app(cfg: Config):
@@ -35,7 +41,11 @@ def build_app(cfg: Config):
         return build_vllm_app(cfg.serve, store)
     s = cfg.serve
     require(s.model, "serve.model", "serve")
-    options = deployment_config(s) | {"ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}}
+    actor: dict = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
+    if s.niceness is not None:
+        # Read by the replica's worker process where it starts; Serve merges these env_vars with an app's own.
+        actor["runtime_env"] = {"env_vars": {NICENESS_ENV: str(s.niceness)}}
+    options = deployment_config(s) | {"ray_actor_options": actor}
     # The key is resolved here, where the config is read, so a missing variable fails before any replica
     # starts; replicas get only its digest, so the key itself is in no init args Serve stores or shows.
     digest = api_key_digest(s.api_key)
@@ -68,8 +78,14 @@ def start(cfg: Config, timeout_s: float = 300.0) -> str:
     from bigray.runtime import init_ray
 
     app = build_app(cfg)  # config errors surface before Ray starts
-    if cfg.serve.ingress == "haproxy":
-        _init_ray_with(HAPROXY_ENV, cfg.serve, cfg.ray)
+    if not _connects(cfg.ray):
+        _start_ray_with(ray_env(cfg.serve), cfg.ray)
+    elif cfg.serve.ingress == "haproxy":
+        raise ConfigError(
+            f"serve.ingress=haproxy needs {' '.join(f'{k}={v}' for k, v in HAPROXY_ENV.items())} where Ray "
+            "starts, so bigray can set it only for a Ray it starts itself; on a running cluster set it where each "
+            "node's Ray starts (ray start, KubeRay's container env): Serve then uses HAProxy for every app"
+        )
     else:
         init_ray(cfg.ray)
     http = {"host": cfg.serve.host, "port": cfg.serve.port}
@@ -99,18 +115,26 @@ def start(cfg: Config, timeout_s: float = 300.0) -> str:
         time.sleep(0.5)
 
 
-def _init_ray_with(env: dict[str, str], s: ServeConfig, ray_cfg: RayConfig) -> None:
-    """Start a local Ray whose processes inherit `env`; this process's own environment is left as it was."""
+def ray_env(s: ServeConfig) -> dict[str, str]:
+    """The environment of a local Ray that bigray starts to serve `s`: Serve's ingress, and the niceness of Serve's
+    processes (proxy and controller too: a replica above its own proxy would starve it under load)."""
+    env = dict(HAPROXY_ENV) if s.ingress == "haproxy" else {}
+    if s.niceness is not None:
+        env[NICENESS_ENV] = str(s.niceness)
+    return env
+
+
+def _connects(ray_cfg: RayConfig) -> bool:
+    """Whether init_ray would connect to a running Ray (or already has) rather than start one."""
     import ray
 
+    return ray.is_initialized() or bool(ray_cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def _start_ray_with(env: dict[str, str], ray_cfg: RayConfig) -> None:
+    """Start a local Ray whose processes inherit `env`; this process's own environment is left as it was."""
     from bigray.runtime import init_ray
 
-    if ray.is_initialized() or ray_cfg.address or os.environ.get("RAY_ADDRESS"):
-        raise ConfigError(
-            f"serve.ingress={s.ingress} needs {' '.join(f'{k}={v}' for k, v in env.items())} where Ray "
-            "starts, so bigray can set it only for a Ray it starts itself; on a running cluster set it where each "
-            "node's Ray starts (ray start, KubeRay's container env): Serve then uses HAProxy for every app"
-        )
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:

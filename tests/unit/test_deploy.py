@@ -43,7 +43,11 @@ def test_app_builder_and_deploy_config_match_ray_schema(model_dir, monkeypatch):
     assert dep._deployment_config.autoscaling_config.max_replicas == 3
     assert dep._deployment_config.max_ongoing_requests == 64
     assert dep._deployment_config.autoscaling_config.target_ongoing_requests == 4
-    assert dep.ray_actor_options == {"num_cpus": 0.5, "num_gpus": 0.0}
+    assert dep.ray_actor_options == {
+        "num_cpus": 0.5,
+        "num_gpus": 0.0,
+        "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},  # serve.niceness: not Ray's 15
+    }
     fixed = app_builder({"model": model_dir, "num_replicas": 2, "health_check_period_s": 2})._bound_deployment
     assert fixed._deployment_config.num_replicas == 2
     assert fixed._deployment_config.health_check_period_s == 2  # how soon Serve sees a broken engine
@@ -89,3 +93,23 @@ def test_haproxy_ingress_refused_where_bigray_does_not_start_ray(model_dir, monk
     with pytest.raises(ConfigError, match="RAY_SERVE_ENABLE_HA_PROXY=1 where Ray starts"):
         start(cfg)
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ
+
+
+def test_niceness_reaches_the_replicas_and_a_local_ray():
+    """serve.niceness is Ray's RAY_worker_niceness: in each replica's runtime_env, and where a local Ray starts (so
+    Serve's proxy and controller run at it too); null leaves Ray's default (15) alone."""
+    from bigray.serve.deploy import ray_env
+
+    cfg = load_config(overrides=["serve.ingress=haproxy"])
+    assert ray_env(cfg.serve) == {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_worker_niceness": "0"}
+    assert ray_env(load_config(overrides=["serve.niceness=5"]).serve) == {"RAY_worker_niceness": "5"}
+    assert ray_env(load_config(overrides=["serve.niceness=null"]).serve) == {}
+    with pytest.raises(ConfigError, match="serve.niceness"):
+        load_config(overrides=["serve.niceness=-1"])  # raising a process's priority needs privileges Ray lacks
+
+
+def test_niceness_null_leaves_rays_worker_default(model_dir):
+    from bigray.serve import build_app
+
+    app = build_app(load_config(overrides=[f"serve.model={model_dir}", "serve.niceness=null"]))
+    assert "runtime_env" not in app._bound_deployment.ray_actor_options
