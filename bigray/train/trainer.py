@@ -137,10 +137,22 @@ def trainer(run: RunPlan, name: str | None = None, resume_from: str | None = Non
             checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
             callbacks=callbacks, logging_config=ray.LoggingConfig(log_level=run.log_level),
             # Ray starts workers with OMP_NUM_THREADS=1; CPU-side work (offloaded Adam) gets the CPUs reserved.
-            worker_runtime_env={"env_vars": worker_env_vars(t)},
+            worker_runtime_env=worker_runtime_env(t),
         ),
         # No `datasets=`: each worker reads its own partitions' blocks with ranged reads (bigray/train/batches.py).
     )
+
+
+def worker_runtime_env(t: TrainConfig) -> dict | None:
+    """The Train workers' runtime env: OMP_NUM_THREADS for their CPUs (zero.worker_env_vars), or none where that is 1,
+    the value Ray itself sets in a worker of fewer than 2 CPUs (a node that has one set keeps it, as Ray does).
+
+    Any runtime env makes Ray start each worker through its setup_worker process (a second Python start, 0.5 CPU-s
+    on the CI box) and never on a worker process it already has running: a start-up cost of every Train run, and of
+    every trial of a sweep, for a variable that changes nothing.
+    """
+    env = worker_env_vars(t)
+    return None if env == {"OMP_NUM_THREADS": "1"} else {"env_vars": env}
 
 
 class ForwardReports(UserCallback):
