@@ -7,10 +7,11 @@ json/email/logging packages, prepared once into a temp dir), one Ray Train worke
 storage. Prints each sweep's wall time and best val_loss, the ratio of wall times and the gap
 between the best val_losses. Goal: ASHA <= 0.5x the wall time with a best val_loss within 2%.
 
-Every trial is a whole Ray Train run, so it pays a fixed start-up (worker group, DeepSpeed init,
-Ray Data pipelines: about a minute on a 2-core box) that ASHA cannot save; trials must train for
+Every trial is a whole Ray Train run, so it pays a fixed start-up (Train controller and worker processes, torch and
+transformers imports, DeepSpeed init: about a minute on a 2-core box) that ASHA cannot save; trials must train for
 several times that long before stopping them early pays off, hence the default of 3000 steps. The
-steps-trained ratio it also prints is what the scheduler saved apart from that start-up.
+steps-trained ratio it also prints is what the scheduler saved apart from that start-up. Each trial's start-up
+phases come from benchmarks/tune_probe.py, and each sweep's CPU-seconds from /proc/stat.
 
 Measured on the 2-core CI box (tiny preset, seq_len 64, 2 trials at a time): 3000 steps, ASHA
 977 s / FIFO 1531 s = 0.64x wall, 0.49x steps trained (11,700 / 24,000), same best val_loss
@@ -19,6 +20,27 @@ Measured on the 2-core CI box (tiny preset, seq_len 64, 2 trials at a time): 300
 0.36x steps, same best (3.4118); start-up 54 s/trial (FIFO), 66 s (ASHA, incl. 11-12 s per reused slot since cut).
 After that cut, 05:40-05:51 UTC, same command: 0.67x (208 / 309 s), 0.55x steps, same best (3.4118);
 ASHA start-up 37 s/trial, a reused slot's wait 2.0 s.
+
+2026-12-03 22:19-22:32 UTC, `flock /tmp/bigray-heavy.lock timeout 1500 .venv/bin/python benchmarks/tune.py
+--steps 1000` (the tree of 21:54: 69ec562's callback cut, 8adb70e's worker env, this probe in a sitecustomize
+instead of a runtime env on every process; the box ran the same FIFO work 41% slower than on 11-24: 436 vs 309 s):
+ASHA 293.2 s / FIFO 435.7 s = 0.67x, 0.55x steps (4400 / 8000: 4 of 8 stopped at the first rung; lr 1e-4 reached it
+first and so went on to the end), same best (3.4118, +0.00%). The CPUs were busy 99% of the FIFO sweep (859 CPU-s)
+and 95% of the ASHA one (555 CPU-s): about 23 CPU-s of start-up and 84 CPU-s of training per 1000-step trial.
+Start-up (actor->first step) 70.8 s per trial under FIFO (four starting at once), 54.3 s under ASHA (65-72 s for
+the first four, 32-47 s for later ones): trainer->worker (Train controller, placement group, the worker actor's
+process) 9-24 s, worker->train_func (torch and Ray Train imports, train context, process group) 10-29 s, DeepSpeed
+comm 1-5 s, model built (mostly transformers' import) 4-24 s, deepspeed.initialize 2-6 s, first batch and step <1 s.
+Uncontended, in one fresh process: torch 1.3 CPU-s, ray.train.torch 1.3, transformers + Llama 3.1, bigray's loop
+0.3, DeepSpeed import 0.2 and op probe 0.1 (the shm op loads from its cache in 0.02), setup_engine 1.5; a Ray Train
+run also starts five other actor processes (controller, synchronization, placement group cleaner, dataset manager,
+preemption watcher). Same-day A/B of the callback cut (69ec562), `--steps 60 --schedulers fifo`, 21:43-21:50 UTC:
+start-up 78.9 s per trial before, 67.8 s after (four at once; the runs' noise is of that order).
+
+Why <= 0.5x is not met: replaying Ray's asynchronous ASHA over this run's FIFO val_loss curves, with +-30% jitter in
+when trials reach a rung, gives steps ratios p10 0.34 / median 0.46 / p90 0.55 (this run drew 0.55). At the median,
+(8 x s + 0.46 x 8000 x 0.084) / (8 x s + 8000 x 0.084) <= 0.5 needs s <= 7 CPU-s of start-up per trial, less than the
+Train worker's own imports and engine (~8 CPU-s uncontended) before the five other processes of a Train run.
 """
 
 from __future__ import annotations
@@ -42,126 +64,25 @@ from bigray.config import load_config  # noqa: E402
 SPACE = "tune.search_space={train.lr: {grid: [1.0e-3, 1.0e-5, 3.0e-3, 1.0e-4]}, train.warmup_steps: {grid: [2, 10]}}"
 
 
-STARTUP_MARKS = ("actor", "trial", "trainer", "train_func", "engine", "first_batch", "first_step", "first_report")
+# worker: the Train worker's process started; ds_comm: DeepSpeed's comm layer up (deepspeed imported, init_distributed);
+# model: the model and optimizer built (deepspeed.initialize called); engine: deepspeed.initialize returned.
+STARTUP_MARKS = ("actor", "trial", "trainer", "worker", "train_func", "ds_comm", "model", "engine", "first_batch",
+                 "first_step", "first_report")
 
 
-def startup_probe(log_path: str):
-    """A worker_process_setup_hook that timestamps each trial's start-up (benchmark-only: no bigray code changes).
+def install_probe(root: str, log_path: str) -> None:
+    """Put tune_probe in every Python process started from here on: a sitecustomize in `root`, first on PYTHONPATH."""
+    with open(os.path.join(root, "sitecustomize.py"), "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+                f"import tune_probe\nsys.path.pop(0)\ntune_probe.install({log_path!r})\n")
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
-    It patches, when they are imported, the trial's `_start` and the Train worker's named steps in
-    bigray.train.loop (which train_func looks up at call time) to append (run, mark, time) lines to `log_path`.
-    """
 
-    def hook():
-        import importlib.abc
-        import importlib.util
-        import json
-        import sys
-        import time
-
-        def mark(run: str, what: str) -> None:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"run": run.split("-from-")[0], "mark": what, "t": time.time()}) + "\n")
-
-        def worker_run() -> str:
-            import ray.train
-
-            return ray.train.get_context().get_experiment_name()
-
-        def patch_trial(module):
-            setup, reset, start = module.Trial.setup, module.Trial.reset_config, module.Trial._start
-
-            def trial_setup(self, *a, **k):
-                mark(self.trial_id, "actor")
-                return setup(self, *a, **k)
-
-            def reset_config(self, *a, **k):
-                mark(self.trial_id, "actor")  # a reused actor: the new trial's id is already set
-                return reset(self, *a, **k)
-
-            def _start(self):
-                mark(self.trial_id, "trial")
-                return start(self)
-
-            step = module.Trial.step
-
-            def trial_step(self):
-                out = step(self)
-                if getattr(self, "_probe_reported", None) != self.trial_id:  # once per trial, reused actor too
-                    self._probe_reported = self.trial_id
-                    mark(self.trial_id, "first_report")
-                return out
-
-            module.Trial.setup, module.Trial.reset_config = trial_setup, reset_config
-            module.Trial._start, module.Trial.step = _start, trial_step
-
-        def patch_trainer(module):
-            build = module.trainer
-
-            def trainer(run, *a, **k):
-                out = build(run, *a, **k)
-                mark(run.run_name, "trainer")
-                return out
-
-            module.trainer = trainer
-
-        def patch_loop(module):
-            quiet, setup, batches, step = (module.quiet_ray_console, module.setup_engine, module.train_batches,
-                                           module.train_step)
-            first = {}
-
-            def quiet_ray_console(*a, **k):
-                mark(worker_run(), "train_func")
-                return quiet(*a, **k)
-
-            def setup_engine(*a, **k):
-                out = setup(*a, **k)
-                mark(worker_run(), "engine")
-                return out
-
-            def train_batches(*a, **k):
-                for i, item in enumerate(batches(*a, **k)):
-                    if i == 0:
-                        mark(worker_run(), "first_batch")
-                    yield item
-
-            def train_step(*a, **k):
-                out = step(*a, **k)
-                if not first:
-                    first[1] = True
-                    mark(worker_run(), "first_step")
-                return out
-
-            module.quiet_ray_console, module.setup_engine = quiet_ray_console, setup_engine
-            module.train_batches, module.train_step = train_batches, train_step
-
-        patches = {
-            "bigray.tune.trial": patch_trial,
-            "bigray.train.trainer": patch_trainer,
-            "bigray.train.loop": patch_loop,
-        }
-
-        class Finder(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name not in patches:
-                    return None
-                sys.meta_path.remove(self)
-                try:
-                    spec = importlib.util.find_spec(name)
-                finally:
-                    sys.meta_path.insert(0, self)
-                run_module = spec.loader.exec_module
-
-                def exec_module(module):
-                    run_module(module)
-                    patches[name](module)
-
-                spec.loader.exec_module = exec_module
-                return spec
-
-        sys.meta_path.insert(0, Finder())
-
-    return hook
+def cpu_busy_s() -> float:
+    """Seconds the whole machine's CPUs have spent busy (not idle or waiting on I/O), from /proc/stat."""
+    with open("/proc/stat") as f:
+        user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def startup_table(log_path: str, runs: set[str]) -> tuple[str, float]:
@@ -205,13 +126,13 @@ def main() -> None:
 
     root = tempfile.mkdtemp(prefix="bigray-bench-tune-")
     marks = os.path.join(root, "startup.jsonl")
+    install_probe(root, marks)  # before ray.init: the cluster's processes inherit this environment
     ray.init(
         address="local",
         _node_ip_address="127.0.0.1",
         num_cpus=args.num_cpus,
         include_dashboard=False,
         log_to_driver=False,
-        runtime_env={"worker_process_setup_hook": startup_probe(marks)},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     data = os.path.join(root, "data")
@@ -250,13 +171,15 @@ def main() -> None:
     results = {}
     for scheduler in args.schedulers.split(","):
         cfg = load_config(overrides=[*common, f"tune.scheduler={scheduler}", f"tune.name={scheduler}", *args.overrides])
-        start = time.perf_counter()
+        start, busy = time.perf_counter(), cpu_busy_s()
         out = tune(cfg)
         results[scheduler] = (time.perf_counter() - start, out)
+        busy, cores = cpu_busy_s() - busy, os.cpu_count() or 1
         stopped = sum(t.stopped_early for t in out.trials)
         print(
             f"{scheduler}: {len(out.trials)} trials, {stopped} stopped early, {results[scheduler][0]:.1f} s, "
-            f"best val_loss {out.best_metric:.4f} at step {out.best_step} ({out.best_params})",
+            f"best val_loss {out.best_metric:.4f} at step {out.best_step} ({out.best_params}); the box's CPUs "
+            f"busy {busy:.0f} CPU-s = {busy / results[scheduler][0] / cores:.0%} of its {cores}",
             flush=True,
         )
         table, mean = startup_table(marks, {t.trial_id for t in out.trials})
