@@ -122,6 +122,8 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
     `profile` (a callable) starts sampling before the last HTTP block and returns a callable that stops it.
     Also each path's engine-step time per request (the replica's from /health's step_seconds), which tells the time
     around the engine (proxy, ASGI, event loops) apart from a slower engine inside the replica."""
+    import psutil
+
     from bigray.serve.engine import SamplingParams
 
     ids = engine.encode(prompt)
@@ -142,6 +144,23 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
     def per_request(before, after) -> float:
         return (after[0] - before[0]) / max(1, after[1] - before[1])
 
+    # CPU seconds of the replica's process, of this one, and of the whole machine: whether a slower path did more work
+    # itself or waited for cores that other processes held.
+    conn.request("GET", "/health")
+    replica = psutil.Process(json.loads(conn.getresponse().read())["pid"])
+    me = psutil.Process()
+
+    def cpu() -> tuple[float, float, float]:
+        t = psutil.cpu_times()
+        busy = t.user + t.nice + t.system + t.irq + t.softirq + t.steal
+        return sum(replica.cpu_times()[:2]), sum(me.cpu_times()[:2]), busy
+
+    cpu_use = {"HTTP": [0.0, 0.0, 0.0], "in-process": [0.0, 0.0, 0.0]}
+
+    def add_cpu(path: str, before: tuple) -> None:
+        for i, (a, b) in enumerate(zip(before, cpu())):
+            cpu_use[path][i] += (b - a) / (2 * repeats)
+
     async def run():
         http_t, engine_t, counts, steps = [], [], set(), {"replica": [], "in-process": []}
         await in_process()
@@ -151,7 +170,7 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
             # each request and would slow the other path down. Each path keeps its better block median.
             stop_profile = profile() if profile and block == 1 else None
             times = []
-            before = replica_steps()
+            before, cpu0 = replica_steps(), cpu()
             for _ in range(repeats):
                 time.sleep(IDLE_GAP_S)
                 t0 = time.perf_counter()
@@ -161,18 +180,20 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
                     ]
                 )
                 times.append(time.perf_counter() - t0)
+            add_cpu("HTTP", cpu0)
             steps["replica"].append(per_request(before, replica_steps()))
             http_t.append(statistics.median(times))
             if stop_profile:
                 stop_profile()
             await asyncio.sleep(0.5)
             times = []
-            before = engine.stats["step_seconds"], engine.stats["requests"]
+            before, cpu0 = (engine.stats["step_seconds"], engine.stats["requests"]), cpu()
             for _ in range(repeats):
                 await asyncio.sleep(IDLE_GAP_S)
                 t0 = time.perf_counter()
                 counts.add(await in_process())
                 times.append(time.perf_counter() - t0)
+            add_cpu("in-process", cpu0)
             steps["in-process"].append(per_request(before, (engine.stats["step_seconds"], engine.stats["requests"])))
             engine_t.append(statistics.median(times))
             await asyncio.sleep(0.5)
@@ -195,7 +216,21 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
         conn.getresponse().read()
         post_hop.append(time.perf_counter() - t0)
     print(f"POST answered before generation (404): {statistics.median(post_hop) * 1e3:.1f} ms", flush=True)
+    for path, (rep, mine, busy) in cpu_use.items():
+        print(
+            f"CPU per request, {path} blocks: replica {rep * 1e3:.1f} ms, this process {mine * 1e3:.1f} ms, "
+            f"all other processes {(busy - rep - mine) * 1e3:.1f} ms",
+            flush=True,
+        )
     return (*out, statistics.median(hop), replica_s, in_process_s)
+
+
+def niceness(url: str) -> int:
+    """The replica process's nice value, read by the OS from the pid /health reports."""
+    import psutil
+
+    with urllib.request.urlopen(f"{url}/health", timeout=30) as resp:
+        return psutil.Process(json.loads(resp.read())["pid"]).nice()
 
 
 def main() -> None:
@@ -208,6 +243,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="single requests timed for the overhead (median)")
     parser.add_argument(
         "--ingress", choices=["proxy", "haproxy"], default="proxy", help="serve.ingress (haproxy: Serve's HAProxy)"
+    )
+    parser.add_argument(
+        "--niceness", default="0", help="serve.niceness (bigray's default 0; null: Ray's worker default, 15)"
     )
     parser.add_argument("--variants", action="store_true", help="only the HTTP overhead, once per Serve setting")
     parser.add_argument("--profile", metavar="DIR", help="with --variants: py-spy the proxy and replica into DIR")
@@ -235,6 +273,7 @@ def main() -> None:
         "serve.batch_wait_timeout_s=0.01",
         f"ray.num_cpus={2 * args.num_cpus + 1}",
         f"serve.ingress={args.ingress}",
+        f"serve.niceness={args.niceness}",
     ]
     levels = [1, 8, 32]
     results: dict[str, dict[int, float]] = {"batched": {}, "unbatched": {}}
@@ -267,13 +306,14 @@ def main() -> None:
         http_s, engine_s, counts, hop_s, steps_replica, steps_local = overhead(
             url, "bench", engine, prompt, args.max_tokens, args.repeats
         )
+        nice = {"replica": niceness(url), "in-process": os.getpriority(os.PRIO_PROCESS, 0)}
     finally:
         stop()
     ray.shutdown()
 
     print(
         f"\nmodel {model_dir} ({args.model and 'given' or args.preset}), replica {args.num_cpus} CPUs, "
-        f"max_tokens {args.max_tokens}, serve.ingress={args.ingress}"
+        f"max_tokens {args.max_tokens}, serve.ingress={args.ingress}, serve.niceness={args.niceness}"
     )
     print(f"{'clients':>8} {'batched tok/s':>14} {'unbatched tok/s':>16} {'ratio':>7}")
     for c in levels:
@@ -290,6 +330,7 @@ def main() -> None:
     print(f"of which the bare proxy-to-replica round trip (GET /health) is {hop_s * 1e3:.1f} ms")
     print(
         f"engine steps per request: in the replica {steps_replica * 1e3:.1f} ms, in-process {steps_local * 1e3:.1f} ms"
+        f" (nice: replica {nice['replica']}, in-process {nice['in-process']})"
     )
     # The overhead less the difference in engine-step time: what the HTTP path itself (ingress, body, JSON, event
     # loops) adds, apart from the same engine simply running slower or faster in the replica's process on a busy box.
