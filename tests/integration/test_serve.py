@@ -121,6 +121,13 @@ def test_models_and_greedy_completion_match_hf(client, reference):
     assert r.choices[0].finish_reason == ("length" if n == 12 else "stop")
 
 
+def test_replica_runs_at_serve_niceness(server):
+    """Ray renices its worker processes to 15; a replica runs at serve.niceness (0) instead, as the OS reports it."""
+    import psutil
+
+    assert psutil.Process(health(server)["pid"]).nice() == 0
+
+
 def test_prompt_list_logprobs_and_stream(client, reference, server):
     prompts = ["import json", "class JSONDecoder(object):"]
     r = client.completions.create(model=NAME, prompt=prompts, max_tokens=6, temperature=0, logprobs=2)
@@ -598,6 +605,9 @@ def test_cli_serves_through_haproxy_ingress(model_dir, reference):
             c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port
         }
         assert listeners and {psutil.Process(pid).name() for pid in listeners} == {"haproxy"}, listeners
+        # In a Ray that bigray starts, Serve's processes run at serve.niceness (0), not Ray's 15: HAProxy too.
+        assert {psutil.Process(pid).nice() for pid in listeners} == {0}
+        assert psutil.Process(health(f"http://127.0.0.1:{port}")["pid"]).nice() == 0
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == [NAME]
         prompt = "def encode(self, o):"
