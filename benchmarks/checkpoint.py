@@ -42,7 +42,9 @@ import sys
 import tempfile
 import time
 
+import import_patches
 import pyarrow.fs as pafs
+from import_patches import patch_on_import
 
 from bigray.config import load_config
 from bigray.storage import Store
@@ -80,11 +82,8 @@ def step_clock(log_path: str):
     `train_step`; in a run named `*-nice0` the checkpoint writer thread keeps nice 0."""
 
     def hook():
-        import importlib.abc
-        import importlib.util
         import json
         import os
-        import sys
         import time
 
         def run_name() -> str:
@@ -117,25 +116,7 @@ def step_clock(log_path: str):
 
         patches = {"bigray.train.loop": patch_loop, "bigray.train.checkpoint_writer": patch_writer}
 
-        class Finder(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name not in patches:
-                    return None
-                sys.meta_path.remove(self)
-                try:
-                    spec = importlib.util.find_spec(name)
-                finally:
-                    sys.meta_path.insert(0, self)
-                run_module = spec.loader.exec_module
-
-                def exec_module(module):
-                    run_module(module)
-                    patches[name](module)
-
-                spec.loader.exec_module = exec_module
-                return spec
-
-        sys.meta_path.insert(0, Finder())
+        patch_on_import(patches)
 
     return hook
 
@@ -197,6 +178,8 @@ def measure(args, work: str, server_pid: int) -> tuple[list[str], int]:
     from bigray.train.trainer import train
 
     clock = os.path.join(work, "steps.jsonl")
+    # The hook runs in Ray's workers, where benchmarks/ is not importable: patch_on_import goes inside it.
+    ray.cloudpickle.register_pickle_by_value(import_patches)
     init_loopback_cluster(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
                           runtime_env={"worker_process_setup_hook": step_clock(clock)})
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -10,13 +10,12 @@ DeepSpeed's entry points, to append (run, mark, time) lines to `log_path`.
 
 from __future__ import annotations
 
+from import_patches import patch_on_import  # benchmarks/ is on sys.path while this module is imported
+
 
 def install(log_path: str) -> None:
     """Patch the modules named below when (if ever) this process imports them."""
-    import importlib.abc
-    import importlib.util
     import json
-    import sys
     import time
 
     def mark(run: str, what: str, t: float | None = None) -> None:
@@ -119,23 +118,5 @@ def install(log_path: str) -> None:
         "bigray.train.loop": patch_loop,
     }
 
-    class Finder(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path, target=None):
-            if name not in patches:
-                return None
-            sys.meta_path.remove(self)
-            try:
-                spec = importlib.util.find_spec(name)
-            finally:
-                sys.meta_path.insert(0, self)
-            run_module = spec.loader.exec_module
-
-            def exec_module(module):
-                run_module(module)
-                patches[name](module)
-
-            spec.loader.exec_module = exec_module
-            return spec
-
-    sys.meta_path.insert(0, Finder())
+    patch_on_import(patches)
 
