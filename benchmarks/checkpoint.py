@@ -27,6 +27,9 @@ nice 19 a training worker at nice 15 gets only ~70% of a core they share (CFS we
 gives it ~98.5% of such a core; measured 2026-12-03 22:37 UTC it did not lower the cost (see the README), so the
 default stays Ray's own.
 
+Choose `--steps` to leave about half an interval or more after the last intermediate checkpoint (e.g. `--steps 100
+--every 40`), or that checkpoint's upload runs past the measured loop and its cost goes unseen (the benchmark warns).
+
     python benchmarks/checkpoint.py [--workers 2,1 --steps 20 --every 5 --modes none,sync,async,background]
 """
 
@@ -148,6 +151,10 @@ def main() -> None:
     parser.add_argument("--worker-niceness", type=int, default=15,
                         help="RAY_worker_niceness of the local Ray (15: Ray's default; see the docstring)")
     args = parser.parse_args()
+    if args.steps - (args.steps - 1) // args.every * args.every < args.every // 2:
+        # The loop's clock stops at the last step: an upload still running then is left out of the measure.
+        print(f"warning: --steps {args.steps} leaves less than half an interval after the last intermediate "
+              f"checkpoint; its upload's cost may fall outside the measured loop", file=sys.stderr)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
