@@ -16,7 +16,11 @@ to the end of the last step (timestamped by a worker setup hook around `train_st
 checkpoint), so it holds every intermediate checkpoint's wait, SYNC's upload, and training slowed by the writer
 and upload threads. A checkpoint's cost is the difference from the no-checkpoint run's loop time; "waited" is what
 the training thread spent in the checkpointer (`checkpoint_s`: the write, or the host copy). The no-checkpoint run
-goes first and last (`none`, `none-again`): their difference is the box's noise on the same work.
+goes first and last (`none`, `none-again`): their difference is the box's noise on the same work. On this box that
+drift between runs reached 29-42% (the first run the slowest in both runs of 2026-12-04, the second on an otherwise
+quiet box), more than a checkpoint costs, so each run is also measured against itself: "in-run" is its loop less its
+own median step times its steps (what the steps slowed around its checkpoints added), less the no-checkpoint runs'
+same excess.
 `background-nice0` is `background` with the writer thread left at nice 0 (the hook undoes `yield_cpu`).
 "S3 cpu" is the moto server's CPU seconds over the whole run (every checkpoint, the final one included, and the
 data reads): a cost of this box's stand-in for S3 that a real training node does not pay (moto spent 26 s of CPU
@@ -31,6 +35,7 @@ Choose `--steps` to leave about half an interval or more after the last intermed
 --every 40`), or that checkpoint's upload runs past the measured loop and its cost goes unseen (the benchmark warns).
 
     python benchmarks/checkpoint.py [--workers 2,1 --steps 20 --every 5 --modes none,sync,async,background]
+                                    [--steps-log steps.jsonl]
 """
 
 from __future__ import annotations
@@ -131,11 +136,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def loop_seconds(log_path: str, run: str) -> tuple[float, str]:
-    """Rank 0's wall time from the end of the run's first step to the end of its last, and its threads and nice."""
+def loop_seconds(log_path: str, run: str) -> tuple[float, float, str]:
+    """Rank 0's wall time from the end of the run's first step to the end of its last, its median step, and its
+    threads and nice."""
     with open(log_path) as f:
         marks = [m for m in map(json.loads, f) if m["run"] == run]
-    return marks[-1]["t"] - marks[0]["t"], f"{marks[-1]['threads']} torch thread(s) at nice {marks[-1]['nice']}"
+    steps = sorted(b["t"] - a["t"] for a, b in zip(marks, marks[1:]))
+    return (marks[-1]["t"] - marks[0]["t"], steps[len(steps) // 2],
+            f"{marks[-1]['threads']} torch thread(s) at nice {marks[-1]['nice']}")
 
 
 def main() -> None:
@@ -150,6 +158,7 @@ def main() -> None:
     parser.add_argument("--modes", default="sync,async,background", help=f"of {', '.join(MODES)} (none: always)")
     parser.add_argument("--worker-niceness", type=int, default=15,
                         help="RAY_worker_niceness of the local Ray (15: Ray's default; see the docstring)")
+    parser.add_argument("--steps-log", help="keep rank 0's per-step timestamps (jsonl) at this path")
     args = parser.parse_args()
     if args.steps - (args.steps - 1) // args.every * args.every < args.every // 2:
         # The loop's clock stops at the last step: an upload still running then is left out of the measure.
@@ -168,6 +177,8 @@ def main() -> None:
         ray.shutdown()
         server.terminate()
         server.wait()
+        if args.steps_log and os.path.exists(os.path.join(work, "steps.jsonl")):
+            shutil.copy(os.path.join(work, "steps.jsonl"), args.steps_log)
         shutil.rmtree(work, ignore_errors=True)
     n = (args.steps - 1) // args.every
     print(f"\n{args.preset} preset, ZeRO-2, fp32, micro batch {args.micro_batch}, seq_len {args.seq_len}, "
@@ -200,7 +211,7 @@ def measure(args, work: str, server_pid: int) -> tuple[list[str], int]:
                   f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}",
                   f"train.log_every={args.log_every}", f"train.eval_every={args.steps}", "train.warmup_steps=2",
                   "train.keep_checkpoints=1", "train.export=false"]
-        loops, walls, waits, s3_cpu, threads = {}, {}, {}, {}, ""
+        loops, medians, walls, waits, s3_cpu, threads = {}, {}, {}, {}, {}, ""
         started = time.strftime("%H:%M", time.gmtime())
         for mode in modes:
             every = args.steps if mode.startswith("none") else args.every
@@ -208,29 +219,39 @@ def measure(args, work: str, server_pid: int) -> tuple[list[str], int]:
             server_cpu = cpu_seconds(server_pid)
             out = train(load_config(overrides=[*common, f"train.run_name={name}", f"train.checkpoint_every={every}",
                                                *MODES[mode.removesuffix("-again")]]))
-            (loops[mode], threads), walls[mode] = loop_seconds(clock, name), out.wall_s
+            (loops[mode], medians[mode], threads), walls[mode] = loop_seconds(clock, name), out.wall_s
             s3_cpu[mode] = cpu_seconds(server_pid) - server_cpu
             # What the training thread waited for intermediate checkpoints (the last step's is in every run).
             waits[mode] = sum(r.get("checkpoint_s", 0) for r in out.records if r["step"] < args.steps)
         fs, path = Store().filesystem(f"{RUNS}/w{workers}-{modes[1]}")
         size = sum(i.size for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))
                    if i.type == pafs.FileType.File and "/checkpoint_" in i.path)
-        tables.append(table(workers, threads, modes, loops, walls, waits, s3_cpu, args, n, started))
+        tables.append(table(workers, threads, modes, loops, medians, walls, waits, s3_cpu, args, n, started))
     return tables, size
 
 
-def table(workers: int, threads: str, modes: list[str], loops: dict, walls: dict, waits: dict, s3_cpu: dict, args,
-          n: int, started: str) -> str:
+def table(workers: int, threads: str, modes: list[str], loops: dict, medians: dict, walls: dict, waits: dict,
+          s3_cpu: dict, args, n: int, started: str) -> str:
+    """Two measures of a checkpoint's cost: against the no-checkpoint runs' loops ("vs none", "per ckpt"), which
+    the box's drift between runs blurs, and within the run ("in-run"): its loop less its own median step times the
+    steps, which is what the slower steps around the checkpoints added (a checkpoint slows a few steps of an
+    interval, so the median is a step untouched by it), less the same excess of the no-checkpoint runs (jitter);
+    "in-run %" is that per checkpoint over an interval of median steps, the issue's "% of step time"."""
     base = (loops["none"] + loops["none-again"]) / 2
+    excess = {mode: loops[mode] - medians[mode] * (args.steps - 1) for mode in modes}
+    jitter = (excess["none"] + excess["none-again"]) / 2
     step = base / (args.steps - 1)
     lines = [f"{workers} worker(s) of {threads}, started {started} UTC: step {step:.2f} s without "
              f"checkpoints (loop {loops['none']:.1f} s first, {loops['none-again']:.1f} s last: noise "
              f"{100 * abs(loops['none'] - loops['none-again']) / base:.1f}%)",
-             f"  {'mode':<17}{'loop s':>8}{'wall s':>8}{'vs none':>9}{'per ckpt':>10}{'waited':>8}{'S3 cpu':>8}"]
+             f"  {'mode':<17}{'loop s':>8}{'wall s':>8}{'vs none':>9}{'per ckpt':>10}{'median':>8}{'in-run':>9}"
+             f"{'in-run %':>9}{'waited':>8}{'S3 cpu':>8}"]
     for mode in modes:
-        extra = loops[mode] - base
+        extra, own = loops[mode] - base, excess[mode] - jitter
         lines.append(f"  {mode:<17}{loops[mode]:>8.1f}{walls[mode]:>8.1f}{100 * extra / base:>+8.1f}%"
-                     f"{extra / n:>+9.2f}s{waits[mode] / n:>7.2f}s{s3_cpu[mode]:>7.1f}s")
+                     f"{extra / n:>+9.2f}s{medians[mode]:>7.2f}s{own / n:>+8.2f}s"
+                     f"{100 * own / n / (medians[mode] * args.every):>+8.1f}%{waits[mode] / n:>7.2f}s"
+                     f"{s3_cpu[mode]:>7.1f}s")
     return "\n".join(lines)
 
 
