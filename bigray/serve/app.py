@@ -418,9 +418,10 @@ class OpenAIServer:
             for j in range(body.n):
                 # Choice j of a seeded request samples with seed + j: reproducible, yet the n choices differ.
                 seed = None if body.seed is None else body.seed + j
-                items.append(
-                    (p, SamplingParams(max_tokens, body.temperature, body.top_p, body.top_k, stop, seed, logprobs))
+                params = SamplingParams(
+                    max_tokens, body.temperature, body.top_p, body.top_k, stop, seed, logprobs, bool(body.stream)
                 )
+                items.append((p, params))
         return items
 
     def _events(self, items):

@@ -49,6 +49,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # None = off; k = the sampled token's logprob plus the top k
+    stream: bool = True  # False: one event when the sequence ends (its whole text), none per step
 
 
 @dataclass
@@ -115,6 +116,7 @@ class _Seq:
         "arrived",
         "last_token_at",
         "joined",
+        "held",
     )
 
     def __init__(self, index, prompt, params, generator, out, loop, decoder):
@@ -137,6 +139,7 @@ class _Seq:
         self.arrived = time.monotonic()
         self.last_token_at: float | None = None
         self.joined = 0  # order in which sequences joined the running batch (the newest fails first)
+        self.held: Event | None = None  # what a non-streamed sequence generated so far (SamplingParams.stream)
 
     def emit(self, event: Event) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, (self.index, event))
@@ -637,7 +640,20 @@ class Engine:
             s.done = True
         delta = text[s.sent : end] if end > s.sent else ""
         s.sent = max(s.sent, end)
-        event = Event(delta, [token], [logprob] if logprob else [], finish, generated)
+        if s.params.stream:
+            event = Event(delta, [token], [logprob] if logprob else [], finish, generated)
+        else:
+            # NOTE: a non-streamed answer is read only whole, so it costs its event loop one wake-up, not one per
+            # step: in a Serve replica that loop's thread takes the GIL from this one at every wake-up.
+            event = s.held or Event("", [])
+            event.text += delta
+            event.token_ids.append(token)
+            if logprob:
+                event.logprobs.append(logprob)
+            event.finish_reason, event.completion_tokens = finish, generated
+            if finish is None:
+                s.held = event
+                return 1
         outbox.setdefault(s.loop, []).append((s.out, (s.index, event)))
         return 1
 

@@ -336,6 +336,29 @@ def test_stop_strings_streamed_in_pieces_match_the_cut_text(model_dir, reference
     assert texts == [full[: full.find(stop)]] and finish == ["stop"]
 
 
+def test_a_non_streamed_sequence_gets_one_event_with_what_the_stream_had(model_dir):
+    import dataclasses
+
+    e = engine(model_dir)
+    ps = prompts(e, 3)
+    stop = e.tokenizer.decode(e.encode(" return"))
+    streamed = [(p, greedy(24, stop=(stop,) if i == 1 else (), logprobs=2, seed=i)) for i, p in enumerate(ps)]
+    whole = [(p, dataclasses.replace(params, stream=False)) for p, params in streamed]
+
+    async def events(items):
+        return [(i, ev) async for i, ev in e.generate(items)]
+
+    a, b = asyncio.run(events(streamed)), asyncio.run(events(whole))
+    assert sorted(i for i, _ in b) == [0, 1, 2]  # one event per sequence, its last
+    for i, ev in b:
+        mine = [x for j, x in a if j == i]
+        assert len(mine) > 1
+        assert ev.text == "".join(x.text for x in mine)
+        assert ev.token_ids == [t for x in mine for t in x.token_ids]
+        assert ev.logprobs == [lp for x in mine for lp in x.logprobs] and len(ev.logprobs) == len(ev.token_ids)
+        assert (ev.finish_reason, ev.completion_tokens) == (mine[-1].finish_reason, mine[-1].completion_tokens)
+
+
 def test_vectorised_sampling():
     import torch
 
