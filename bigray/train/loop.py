@@ -121,7 +121,7 @@ def train_func(config: dict) -> None:
                          delete_local_checkpoint_after_upload=True)
         window.reset()  # after the report: eval and checkpoint time are not step time
     if run.log:
-        run.log.flush_tensorboard()
+        run.log.close()
 
 
 def train_step(engine, rows: Rows, run: RunContext):

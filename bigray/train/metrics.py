@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
+import threading
+from collections.abc import Callable
 
 from bigray.storage import Store, join
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s; matched by substring of the device name, first hit wins.
 PEAK_FLOPS = [
@@ -42,6 +47,12 @@ class MetricsLog:
 
     After a restart it continues the existing file, dropping records past the resumed step so
     replayed steps are not logged twice.
+
+    NOTE: the mirror writes to storage in a thread, never on the training thread: object stores have no append, so
+    every write puts the whole file, and a PUT queued behind a checkpoint's upload to the same endpoint held a step
+    for ~9 s (benchmarks/checkpoint.py, 125m on moto, 2026-12-04). Writes coalesce (the newest body wins); a failed
+    one is logged and retried with the next record; `close()` writes both files once more and raises on failure.
+    A record logged just before a worker died may be missing after the restart (its write was still in flight).
     """
 
     def __init__(self, run_dir: str, resume_step: int, store: Store):
@@ -51,25 +62,81 @@ class MetricsLog:
         if resume_step and store.exists(self.uri):
             lines = store.read_text(self.uri).splitlines()
             self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
+        self.lines = [json.dumps(r) + "\n" for r in self.records]
         self.tb_dir = tempfile.mkdtemp(prefix="bigray-tb-")
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(self.tb_dir)
+        self.mirror = Mirror()
 
     def log(self, record: dict) -> None:
         self.records.append(record)
+        self.lines.append(json.dumps(record) + "\n")
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.tb.add_scalar(key, value, record["step"])
-        self.flush_jsonl()
-
-    def flush_jsonl(self) -> None:
-        body = "".join(json.dumps(r) + "\n" for r in self.records).encode()
-        self.store.write_bytes(self.uri, body)
+        n = len(self.lines)
+        self.mirror.submit("metrics.jsonl", lambda: self._write_jsonl(n))
 
     def flush_tensorboard(self) -> None:
+        """Queue a copy of the TensorBoard dir to the run dir (returns at once)."""
         self.tb.flush()
+        self.mirror.submit("tensorboard", self._copy_tensorboard)
+
+    def close(self) -> None:
+        """Let the mirror finish, then write both files once more on this thread (raises if storage fails)."""
+        self.mirror.close()
+        self.tb.flush()
+        self._write_jsonl(len(self.lines))
+        self._copy_tensorboard()
+
+    def _write_jsonl(self, n: int) -> None:
+        self.store.write_bytes(self.uri, "".join(self.lines[:n]).encode())
+
+    def _copy_tensorboard(self) -> None:
         self.store.copy_dir(self.tb_dir, join(self.run_dir, "tensorboard"))
+
+
+class Mirror:
+    """One daemon thread that runs the newest job of each kind: a job submitted while an older one of its kind
+    waits replaces it, so a slow store costs skipped intermediate writes, never a wait on the caller's thread."""
+
+    def __init__(self):
+        self.pending: dict[str, Callable[[], None]] = {}
+        self.failed: set[str] = set()
+        self.closed = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="bigray-metrics-mirror", daemon=True)
+        self.thread.start()
+
+    def submit(self, kind: str, job: Callable[[], None]) -> None:
+        with self.cond:
+            self.pending[kind] = job
+            self.cond.notify()
+
+    def close(self) -> None:
+        """Run what is pending, then stop the thread."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+        self.thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.pending and not self.closed:
+                    self.cond.wait()
+                if not self.pending:
+                    return
+                kind, job = self.pending.popitem()
+            try:
+                job()
+                self.failed.discard(kind)
+            except Exception as exc:  # noqa: BLE001 - retried by the next submit; close() writes and raises
+                if kind not in self.failed:
+                    log.warning("writing %s to storage failed (%s: %s); retried with the next record", kind,
+                                type(exc).__name__, exc)
+                self.failed.add(kind)
 
 
 def read_records(run_dir: str, store: Store) -> list[dict]:
