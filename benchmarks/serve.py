@@ -132,7 +132,9 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
 
     async def in_process() -> int:
         n = 0
-        async for _, ev in engine.generate([(ids, SamplingParams(max_tokens=max_tokens, temperature=0))]):
+        # Not streamed, as the HTTP request is not: one event at the end (SamplingParams.stream).
+        params = SamplingParams(max_tokens=max_tokens, temperature=0, stream=False)
+        async for _, ev in engine.generate([(ids, params)]):
             n = ev.completion_tokens
         return n
 
