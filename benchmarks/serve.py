@@ -116,10 +116,40 @@ def throughput(url: str, model: str, clients: int, per_client: int, max_tokens: 
 IDLE_GAP_S = 0.05
 
 
-def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats: int, profile=None):
+def pin_engines(replica, replica_threads_before: dict[int, float], engine) -> str:
+    """--pin: the two engines' threads (the replica's, found as its thread that worked most in the last request, and
+    the in-process one's) alone on the last core, every other thread of this benchmark, of Ray's processes, of the
+    replica and of HAProxy on the other cores. As on a GPU node, where the engine's work has its own device and the
+    host's cores serve the rest: what is left between the two paths is then the HTTP path itself, not the two
+    processes sharing two cores. Returns a line saying what was pinned."""
+    import psutil
+
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        raise SystemExit("--pin needs at least 2 cores")
+    engine_core, rest = {cores[-1]}, set(cores[:-1])
+    worked = {t.id: t.user_time + t.system_time - replica_threads_before.get(t.id, 0.0) for t in replica.threads()}
+    engines = {max(worked, key=worked.get), engine._thread.native_id}
+    pinned = 0
+    for proc in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            threads = proc.threads()
+        except psutil.Error:  # exited since listed
+            continue
+        for t in threads:
+            try:
+                os.sched_setaffinity(t.id, engine_core if t.id in engines else rest)
+                pinned += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+    return f"pinned: 2 engine threads on core {cores[-1]}, {pinned - 2} other threads on cores {sorted(rest)}"
+
+
+def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats: int, profile=None, pin: bool = False):
     """Median latency of one greedy completion over HTTP and through an in-process Engine with the replica's settings
     (no proxy, no FastAPI, no JSON), in alternating blocks so that load drifting on a shared machine hits both alike.
     `profile` (a callable) starts sampling before the last HTTP block and returns a callable that stops it.
+    `pin`: see pin_engines.
     Also each path's engine-step time per request (the replica's from /health's step_seconds), which tells the time
     around the engine (proxy, ASGI, event loops) apart from a slower engine inside the replica."""
     import psutil
@@ -166,7 +196,10 @@ def overhead(url: str, model: str, engine, prompt: str, max_tokens: int, repeats
     async def run():
         http_t, engine_t, counts, steps = [], [], set(), {"replica": [], "in-process": []}
         await in_process()
+        threads_before = {t.id: t.user_time + t.system_time for t in replica.threads()}
         post(conn, {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
+        if pin:
+            print(pin_engines(replica, threads_before, engine), flush=True)
         for block in range(2):
             # Blocks, not alternation: on a 2-core box the idle path's OpenMP threads still spin for a while after
             # each request and would slow the other path down. Each path keeps its better block median.
@@ -249,6 +282,9 @@ def main() -> None:
     parser.add_argument(
         "--niceness", default="0", help="serve.niceness (bigray's default 0; null: Ray's worker default, 15)"
     )
+    parser.add_argument(
+        "--pin", action="store_true", help="overhead with each engine's thread alone on a core (see pin_engines)"
+    )
     parser.add_argument("--variants", action="store_true", help="only the HTTP overhead, once per Serve setting")
     parser.add_argument("--profile", metavar="DIR", help="with --variants: py-spy the proxy and replica into DIR")
     args = parser.parse_args()
@@ -306,7 +342,7 @@ def main() -> None:
             model_dir, max_batch_size=32, batch_wait_timeout_s=0.01, num_threads=args.num_cpus, device="cpu"
         )
         http_s, engine_s, counts, hop_s, steps_replica, steps_local = overhead(
-            url, "bench", engine, prompt, args.max_tokens, args.repeats
+            url, "bench", engine, prompt, args.max_tokens, args.repeats, pin=args.pin
         )
         nice = {"replica": niceness(url), "in-process": os.getpriority(os.PRIO_PROCESS, 0)}
     finally:
@@ -316,6 +352,7 @@ def main() -> None:
     print(
         f"\nmodel {model_dir} ({args.model and 'given' or args.preset}), replica {args.num_cpus} CPUs, "
         f"max_tokens {args.max_tokens}, serve.ingress={args.ingress}, serve.niceness={args.niceness}"
+        + (", engines pinned" if args.pin else "")
     )
     print(f"{'clients':>8} {'batched tok/s':>14} {'unbatched tok/s':>16} {'ratio':>7}")
     for c in levels:
