@@ -31,11 +31,16 @@ nice 19 a training worker at nice 15 gets only ~70% of a core they share (CFS we
 gives it ~98.5% of such a core; measured 2026-12-03 22:37 UTC it did not lower the cost (see the README), so the
 default stays Ray's own.
 
+`--pin` (1 worker): the training thread alone on the last core, every other thread and process of the benchmark (the
+driver, moto, Ray's daemons, the worker's upload and writer threads) on the others, as on a GPU node where training
+runs on the device and the host's cores serve the rest: what a checkpoint then still costs is not the two sharing
+a core.
+
 Choose `--steps` to leave about half an interval or more after the last intermediate checkpoint (e.g. `--steps 100
 --every 40`), or that checkpoint's upload runs past the measured loop and its cost goes unseen (the benchmark warns).
 
     python benchmarks/checkpoint.py [--workers 2,1 --steps 20 --every 5 --modes none,sync,async,background]
-                                    [--steps-log steps.jsonl]
+                                    [--steps-log steps.jsonl] [--pin]
 """
 
 from __future__ import annotations
@@ -85,13 +90,16 @@ def moto_server() -> subprocess.Popen:
     return server
 
 
-def step_clock(log_path: str):
+def step_clock(log_path: str, pin_core: int | None = None):
     """A worker_process_setup_hook (benchmark-only): rank 0 appends (run, time) to `log_path` at the end of every
-    `train_step`; in a run named `*-nice0` the checkpoint writer thread keeps nice 0."""
+    `train_step`; in a run named `*-nice0` the checkpoint writer thread keeps nice 0. With `pin_core`, rank 0's
+    training thread moves to that core at every step and the process's other threads off it (threads the
+    training thread starts, Ray's upload pool among them, would otherwise inherit its core)."""
 
     def hook():
         import json
         import os
+        import threading
         import time
 
         def run_name() -> str:
@@ -105,6 +113,16 @@ def step_clock(log_path: str):
             def train_step(engine, rows, run):
                 import torch
 
+                if pin_core is not None and run.rank == 0:
+                    me = threading.get_native_id()
+                    rest = set(range(os.cpu_count())) - {pin_core}
+                    os.sched_setaffinity(0, {pin_core})
+                    for tid in map(int, os.listdir("/proc/self/task")):
+                        if tid != me:
+                            try:
+                                os.sched_setaffinity(tid, rest)
+                            except OSError:  # exited since listed
+                                pass
                 out = step(engine, rows, run)
                 if run.rank == 0:
                     with open(log_path, "a") as f:
@@ -159,7 +177,10 @@ def main() -> None:
     parser.add_argument("--worker-niceness", type=int, default=15,
                         help="RAY_worker_niceness of the local Ray (15: Ray's default; see the docstring)")
     parser.add_argument("--steps-log", help="keep rank 0's per-step timestamps (jsonl) at this path")
+    parser.add_argument("--pin", action="store_true", help="1 worker: its training thread alone on the last core")
     args = parser.parse_args()
+    if args.pin and (args.workers != "1" or (os.cpu_count() or 1) < 2):
+        parser.error("--pin needs --workers 1 and at least 2 cores")
     if args.steps - (args.steps - 1) // args.every * args.every < args.every // 2:
         # The loop's clock stops at the last step: an upload still running then is left out of the measure.
         print(f"warning: --steps {args.steps} leaves less than half an interval after the last intermediate "
@@ -168,6 +189,9 @@ def main() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
     work = tempfile.mkdtemp(prefix="bigray-bench-ckpt-")
+    if args.pin:  # the processes and threads started from here on (moto, Ray) inherit the other cores
+        for tid in map(int, os.listdir("/proc/self/task")):
+            os.sched_setaffinity(tid, set(range(os.cpu_count())) - {os.cpu_count() - 1})
     server = moto_server()
     try:
         tables, size = measure(args, work, server.pid)
@@ -183,7 +207,8 @@ def main() -> None:
     n = (args.steps - 1) // args.every
     print(f"\n{args.preset} preset, ZeRO-2, fp32, micro batch {args.micro_batch}, seq_len {args.seq_len}, "
           f"{args.steps} steps, log every {args.log_every}, checkpoint every {args.every} ({n} intermediate, "
-          f"{size / 2**20:.0f} MiB each) to local moto S3 (own process, nice 19); shared noisy 2-core box")
+          f"{size / 2**20:.0f} MiB each) to local moto S3 (own process, nice 19); shared noisy 2-core box"
+          + ("; training thread pinned alone to the last core" if args.pin else ""))
     print("\n\n".join(tables))
 
 
@@ -199,7 +224,8 @@ def measure(args, work: str, server_pid: int) -> tuple[list[str], int]:
     # The hook runs in Ray's workers, where benchmarks/ is not importable: patch_on_import goes inside it.
     ray.cloudpickle.register_pickle_by_value(import_patches)
     init_loopback_cluster(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-                          runtime_env={"worker_process_setup_hook": step_clock(clock)})
+                          runtime_env={"worker_process_setup_hook": step_clock(
+                              clock, os.cpu_count() - 1 if args.pin else None)})
     ray.data.DataContext.get_current().enable_progress_bars = False
     prepare(load_config(overrides=[*PREPARE, f"data.output={work}/data", f"data.seq_len={args.seq_len}"]))
     modes = ["none", *[m for m in args.modes.split(",") if m != "none"], "none-again"]
