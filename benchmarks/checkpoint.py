@@ -109,20 +109,20 @@ def step_clock(log_path: str, pin_core: int | None = None):
 
         def patch_loop(module):
             step = module.train_step
+            pinned: set[int] = set()
 
             def train_step(engine, rows, run):
                 import torch
 
                 if pin_core is not None and run.rank == 0:
-                    me = threading.get_native_id()
+                    # Only threads not seen before: one listing per step, no syscall per known thread.
                     rest = set(range(os.cpu_count())) - {pin_core}
-                    os.sched_setaffinity(0, {pin_core})
-                    for tid in map(int, os.listdir("/proc/self/task")):
-                        if tid != me:
-                            try:
-                                os.sched_setaffinity(tid, rest)
-                            except OSError:  # exited since listed
-                                pass
+                    for tid in set(map(int, os.listdir("/proc/self/task"))) - pinned:
+                        try:
+                            os.sched_setaffinity(tid, {pin_core} if tid == threading.get_native_id() else rest)
+                        except OSError:  # exited since listed
+                            pass
+                        pinned.add(tid)
                 out = step(engine, rows, run)
                 if run.rank == 0:
                     with open(log_path, "a") as f:

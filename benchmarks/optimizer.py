@@ -3,8 +3,7 @@
 torch's AdamW on CPU defaults to its per-tensor loop, whose arithmetic allocates temporaries the size of each
 tensor (`exp_avg_sq.sqrt()`, the divisions): for a flat partition, hundreds of MB each, every step. glibc serves
 blocks that large with mmap and returns them with munmap, so each step faults every page of them in again
-(minor page faults, counted here per step), and a fault takes the process's memory-map lock, which the checkpoint
-upload and writer threads in the same process need too. `fused=True` (torch >= 2.4 on CPU) updates in place.
+(minor page faults, counted here per step). `fused=True` (torch >= 2.4 on CPU) updates in place.
 
 Same groups, same gradients, same number of steps on each side, alternating, in one process with one torch
 thread (as a 1-CPU Ray Train worker); prints the time and fault ratios and the largest difference in the updated
